@@ -1,0 +1,302 @@
+"""The ADM ("guided-diffusion") UNet used by OFTSR for the teacher and the student (DESIGN section 7).
+
+Module and parameter names follow guided-diffusion's ``UNetModel`` so that its published state dicts
+(e.g. the DPS FFHQ model) load directly; see :func:`oftsr.nets.weights.widen_input_conv` for the 3 -> 6 channel
+input. GroupNorm(32) computed in fp32, SiLU, scale-shift time conditioning, residual up/down-sampling, dropout,
+zero-initialised output convolutions. Attention is the legacy QKV einsum or ``scaled_dot_product_attention``
+(same parameters, same result up to rounding).
+
+Input ``(B, in_channels, H, W)`` with H, W multiples of :attr:`UNet.downsample_factor`; time ``(B,)`` already
+scaled (``999 t``); output ``(B, out_channels, H, W)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of an ADM UNet. ``attention_resolutions`` are feature-map sizes at ``image_size``."""
+
+    image_size: int = 256
+    in_channels: int = 6
+    out_channels: int = 6
+    model_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4, 4)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = (16,)
+    num_head_channels: int = 64
+    dropout: float = 0.1
+    resblock_updown: bool = True
+    use_scale_shift_norm: bool = True
+    attention: Literal["legacy", "sdpa"] = "legacy"
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "in_channels", "out_channels", "model_channels", "num_res_blocks"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"UNetConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise ValueError(f"UNetConfig.channel_mult must be positive integers, got {self.channel_mult!r}")
+        if self.model_channels % 32:
+            raise ValueError(
+                f"UNetConfig.model_channels must be a multiple of 32 (GroupNorm), got {self.model_channels}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"UNetConfig.dropout must lie in [0, 1), got {self.dropout}")
+        if self.attention not in ("legacy", "sdpa"):
+            raise ValueError(f"UNetConfig.attention must be 'legacy' or 'sdpa', got {self.attention!r}")
+        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
+        object.__setattr__(self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown UNetConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32) computed in fp32 whatever the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int) -> nn.GroupNorm:
+    return GroupNorm32(32, channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``(B,) -> (B, dim)``: ``[cos(t f), sin(t f)]`` with ``f_i = max_period^(-i / half)``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepBlock(nn.Module):
+    """A block whose forward takes the time embedding as a second argument."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest 2x up-sampling, optionally followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """2x down-sampling by a strided 3x3 convolution or a 2x2 average."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.op = (
+            nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """Residual block with scale-shift time conditioning and optional up/down-sampling."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int | None = None,
+        use_scale_shift_norm: bool = True,
+        up: bool = False,
+        down: bool = False,
+    ):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
+        )
+        self.out_layers = nn.Sequential(
+            normalization(out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            h = self.in_layers[:-1](x)
+            h = self.in_layers[-1](self.h_upd(h))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention with guided-diffusion's legacy head layout (heads split before q/k/v)."""
+
+    def __init__(self, channels: int, num_head_channels: int, impl: str = "legacy"):
+        super().__init__()
+        if channels % num_head_channels:
+            raise ValueError(f"attention channels {channels} not divisible by head channels {num_head_channels}")
+        self.num_heads = channels // num_head_channels
+        self.impl = impl
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x))
+        h = attention_sdpa(qkv, self.num_heads) if self.impl == "sdpa" else attention_legacy(qkv, self.num_heads)
+        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+
+
+def attention_legacy(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``(B, 3 H C, T) -> (B, H C, T)``: softmax(q k^T / sqrt(C)) v with einsum, softmax in fp32."""
+    bs, width, length = qkv.shape
+    ch = width // (3 * num_heads)
+    q, k, v = qkv.reshape(bs * num_heads, ch * 3, length).split(ch, dim=1)
+    scale = 1 / math.sqrt(math.sqrt(ch))
+    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+    return torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
+
+
+def attention_sdpa(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Same as :func:`attention_legacy` through ``F.scaled_dot_product_attention`` (flash / memory-efficient)."""
+    bs, width, length = qkv.shape
+    ch = width // (3 * num_heads)
+    q, k, v = qkv.reshape(bs, num_heads, ch * 3, length).transpose(-1, -2).split(ch, dim=-1)
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, C)
+    return out.transpose(-1, -2).reshape(bs, num_heads * ch, length)
+
+
+class UNet(nn.Module):
+    """ADM UNet: ``forward(x: (B, in_channels, H, W), t: (B,)) -> (B, out_channels, H, W)``."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        ch = cfg.model_channels
+        emb_dim = ch * 4
+        attn_ds = {cfg.image_size // r for r in cfg.attention_resolutions}
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def res(cin: int, cout: int, **kw: bool) -> ResBlock:
+            return ResBlock(cin, emb_dim, cfg.dropout, cout, cfg.use_scale_shift_norm, **kw)
+
+        def attn(c: int) -> AttentionBlock:
+            return AttentionBlock(c, cfg.num_head_channels, cfg.attention)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+        chans, ds = [ch], 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [res(ch, mult * cfg.model_channels)]
+                ch = mult * cfg.model_channels
+                if ds in attn_ds:
+                    layers.append(attn(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                chans.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                down = res(ch, ch, down=True) if cfg.resblock_updown else Downsample(ch, True)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(cfg.channel_mult))[::-1]:
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + chans.pop(), cfg.model_channels * mult)]
+                ch = cfg.model_channels * mult
+                if ds in attn_ds:
+                    layers.append(attn(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch, True))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(cfg.model_channels, cfg.out_channels, 3, padding=1))
+        )
+
+    @property
+    def downsample_factor(self) -> int:
+        """H and W of the input must be multiples of this."""
+        return 2 ** (len(self.config.channel_mult) - 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        f = self.downsample_factor
+        if x.shape[-1] % f or x.shape[-2] % f:
+            raise ValueError(f"UNet input size {tuple(x.shape[-2:])} must be a multiple of {f}; pad it first")
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(f"UNet expects {self.config.in_channels} input channels, got {x.shape[1]}")
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        hs = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
