@@ -13,13 +13,19 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class CropBox:
-    """Where a crop came from: top-left corner, size, and the flips applied after cropping."""
+    """Where a crop came from: top-left corner, size (``size_w`` for a non-square width), and the flips applied
+    after cropping."""
 
     top: int
     left: int
     size: int
     hflip: bool = False
     vflip: bool = False
+    size_w: int | None = None
+
+    @property
+    def width(self) -> int:
+        return self.size if self.size_w is None else self.size_w
 
 
 def random_box(
@@ -49,7 +55,7 @@ def center_box(height: int, width: int, size: int) -> CropBox:
 
 def apply_box(image: torch.Tensor, box: CropBox) -> torch.Tensor:
     """Crop ``(C, H, W)`` (or ``(B, C, H, W)``) to ``box`` and apply its flips."""
-    out = image[..., box.top : box.top + box.size, box.left : box.left + box.size]
+    out = image[..., box.top : box.top + box.size, box.left : box.left + box.width]
     if box.hflip:
         out = out.flip(-1)
     if box.vflip:

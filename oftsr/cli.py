@@ -19,6 +19,41 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_values(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    import time
+
+    from oftsr.data.manifest import list_images, manifest_hash, write_manifest
+
+    options = _key_values(args.storage_option)
+    start = time.perf_counter()
+    rows = list_images(args.uri, options, workers=args.workers)
+    write_manifest(rows, args.output, options)
+    total = sum(r["size"] for r in rows)
+    print(
+        f"{len(rows)} images, {total / 1e6:.1f} MB, hash {manifest_hash(rows)}, listed in "
+        f"{time.perf_counter() - start:.1f} s -> {args.output}"
+    )
+    return 0
+
+
+def _samples(args: argparse.Namespace) -> int:
+    from oftsr.samples import export_sample_photos
+
+    paths = export_sample_photos(args.folder)
+    print(f"{len(paths)} sample photos in {args.folder} (licences in LICENSES.md)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oftsr", description="One-step flow super-resolution (OFTSR) pipeline.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -30,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int, default=0, help="torch threads, 0 for the default")
     q.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     q.set_defaults(func=_quickstart)
+
+    m = sub.add_parser("manifest", help="list the images under a folder or s3:// prefix into a Parquet manifest")
+    m.add_argument("uri", help="folder, s3://bucket/prefix, or another fsspec URI")
+    m.add_argument("-o", "--output", required=True, help="manifest path or URI (.parquet)")
+    m.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000 (credentials: use the env)",
+    )
+    m.add_argument("--workers", type=int, default=16, help="parallel listing threads (default: %(default)s)")
+    m.set_defaults(func=_manifest)
+
+    s = sub.add_parser("samples", help="export the sample photos shipped in installed wheels as PNGs")
+    s.add_argument("folder", nargs="?", default="outputs/sample_photos")
+    s.set_defaults(func=_samples)
     return parser
 
 
@@ -37,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         print(f"oftsr {args.command}: error: {err}", file=sys.stderr)
         return 2
 
