@@ -46,6 +46,27 @@ def _manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage(args: argparse.Namespace) -> int:
+    import json
+
+    from oftsr.overrides import apply_overrides, flatten, parse_sets
+    from pipelines.recipes import recipe
+
+    cfg = apply_overrides(recipe(args.recipe, args.command), parse_sets(args.set))
+    if args.dry_run:
+        print(json.dumps(flatten(cfg), indent=2, default=str))
+        return 0
+    from pipelines.stages import run_stage
+
+    if cfg.data.source == "outputs/sample_photos":
+        from oftsr.samples import export_sample_photos
+
+        export_sample_photos(cfg.data.source)
+    result = run_stage(cfg)
+    print(json.dumps({k: result[k] for k in ("run_id", "checkpoint", "images_seen")}, default=str))
+    return 0
+
+
 def _samples(args: argparse.Namespace) -> int:
     from oftsr.samples import export_sample_photos
 
@@ -78,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--workers", type=int, default=16, help="parallel listing threads (default: %(default)s)")
     m.set_defaults(func=_manifest)
+
+    for stage, text in (
+        ("teacher", "train the conditional rectified-flow teacher (Ray Train)"),
+        ("distill", "distill the teacher into the one-step student (Ray Train)"),
+    ):
+        p = sub.add_parser(stage, help=text)
+        p.add_argument("recipe", help="recipe name: quickstart, ffhq_x4, ffhq_x4_noisy, div2k_x4, imagenet_x4")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config field, e.g. --set optim.lr=3e-4 --set workers=4",
+        )
+        p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        p.set_defaults(func=_stage)
 
     s = sub.add_parser("samples", help="export the sample photos shipped in installed wheels as PNGs")
     s.add_argument("folder", nargs="?", default="outputs/sample_photos")

@@ -1,0 +1,125 @@
+"""Driver side of the training stages: check tracking, build the data, run ``TorchTrainer``, close the run.
+
+``run_stage(cfg)`` is what ``oftsr teacher`` and ``oftsr distill`` call. Running it again with the same
+``run_name`` and ``storage_path`` resumes from the latest checkpoint (Ray Train V2 restores the run) and keeps
+logging into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from oftsr.data.storage import filesystem, protocol_of
+from oftsr.overrides import flatten
+from oftsr.tracking import MetricLogger, check_reachable, finish_run, git_commit, run_key, start_or_resume_run
+from oftsr.train.config import StageConfig
+
+
+def resolve_paths(cfg: StageConfig) -> StageConfig:
+    """Absolute local paths (workers do not share the driver's working directory) and an absolute SQLite URI."""
+
+    def local(p: str | None) -> str | None:
+        return os.path.abspath(p) if p and protocol_of(p) == "file" else p
+
+    data = dataclasses.replace(cfg.data, source=local(cfg.data.source), manifest=local(cfg.data.manifest))
+    return dataclasses.replace(
+        cfg,
+        data=data,
+        storage_path=local(cfg.storage_path),
+        teacher=local(cfg.teacher),
+        pretrained=local(cfg.pretrained),
+        tracking=cfg.tracking.resolved(),
+    )
+
+
+def storage_for(cfg: StageConfig) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for RunConfig: object stores go through the same fsspec
+    filesystem (endpoint, options) as the data plane."""
+    if protocol_of(cfg.storage_path) == "file":
+        return cfg.storage_path, None
+    import pyarrow.fs
+
+    fs, path = filesystem(cfg.storage_path, cfg.data.storage_options)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
+    """Run (or resume) a training stage; returns ``{"run_id", "checkpoint", "images_seen", "metrics", ...}``."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from oftsr.data.dataset import format_summary, source_rows, training_dataset
+    from oftsr.data.manifest import manifest_hash
+    from oftsr.train.loop import train_loop_per_worker
+
+    cfg = resolve_paths(cfg)
+    check_reachable(cfg.tracking.tracking_uri)  # before any compute
+    rows = source_rows(cfg.data)
+    data_hash = manifest_hash(rows)
+    key = run_key(cfg.stage, cfg.storage_path, cfg.run_name)
+    tags = {
+        "oftsr.stage": cfg.stage,
+        "oftsr.git_commit": git_commit(),
+        "oftsr.data_manifest_hash": data_hash,
+        "oftsr.preset": cfg.preset,
+    }
+    run_id, resumed = start_or_resume_run(
+        cfg.tracking.tracking_uri,
+        cfg.tracking.experiment,
+        key=key,
+        run_name=f"{cfg.stage}:{cfg.run_name}",
+        params=flatten(cfg),
+        tags=tags,
+        parent_run_id=cfg.tracking.parent_run_id,
+    )
+    log(
+        f"{cfg.stage}: MLflow run {run_id} ({'resumed' if resumed else 'new'}), {len(rows)} source images, "
+        f"{cfg.total_images} images at {cfg.global_batch} per step on {cfg.workers} workers"
+    )
+
+    if not ray.is_initialized():
+        ray.init()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    dataset, ledger = training_dataset(cfg.data, rows=rows)
+    storage_path, storage_fs = storage_for(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "mlflow_run_id": run_id},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        finish_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
+        raise
+    summary = ledger.summary()
+    log(format_summary(summary))
+    MetricLogger(cfg.tracking.tracking_uri, run_id).log_dict(summary, "data/skipped.json")
+    finish_run(cfg.tracking.tracking_uri, run_id)
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if checkpoint and storage_fs is not None:
+        checkpoint = f"{protocol_of(cfg.storage_path)}://{checkpoint}"
+    out = dict(result.return_value or {})
+    log(f"{cfg.stage}: done at {out.get('images_seen')} images; checkpoint {checkpoint}")
+    return {
+        "run_id": run_id,
+        "resumed": resumed,
+        "checkpoint": checkpoint,
+        "images_seen": out.get("images_seen"),
+        "metrics": out,
+        "data": summary,
+    }
