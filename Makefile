@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 quickstart: install
-	$(VENV)/bin/oftsr quickstart
+	$(VENV)/bin/oftsr run quickstart
 
 lint: install
 	$(VENV)/bin/ruff check oftsr pipelines tests benchmarks

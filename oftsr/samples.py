@@ -95,3 +95,22 @@ def export_sample_photos(folder: str | os.PathLike, *, min_count: int = 4) -> li
     lines += [f"| {p.name}.png | {p.package}/{p.path} | {p.licence} |" for p, _ in photos]
     (folder / "LICENSES.md").write_text("\n".join(lines) + "\n")
     return written
+
+
+HELD_OUT: tuple[str, ...] = ("chelsea", "flower")
+
+
+def export_sample_split(root: str | os.PathLike, held_out: tuple[str, ...] = HELD_OUT) -> tuple[Path, Path]:
+    """Export the photos into ``root/train`` and ``root/heldout`` (``held_out`` names); returns both folders."""
+    root = Path(root)
+    export_sample_photos(root / "all")
+    folders = (root / "train", root / "heldout")
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    for src in sorted((root / "all").glob("*.png")):
+        dst = folders[1 if src.stem in held_out else 0] / src.name
+        if not dst.exists():
+            dst.write_bytes(src.read_bytes())
+    (root / "train" / "LICENSES.md").write_text((root / "all" / "LICENSES.md").read_text())
+    (root / "heldout" / "LICENSES.md").write_text((root / "all" / "LICENSES.md").read_text())
+    return folders

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from oftsr.flow import conditioned, noisy_start
-from oftsr.losses import distill_online, sample_distill_times, teacher_loss
+from oftsr.losses import distill_cached, distill_online, sample_distill_times, teacher_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +120,38 @@ def distill_step(
     t = sample_distill_times(x0.shape[0], t_min=t_min, t_max=t_max, generator=generator, device=x0.device)
     with autocast(x0.device, precision):
         terms = distill_online(conditioned(student_net, x_lr), conditioned(teacher_net, x_lr), x0, t, **loss_kwargs)
+    loss = terms["total"].mean()
+    grad_norm = _optimise(student_net, optimizer, loss, lr, grad_clip)
+    out = {k: v.detach().mean() for k, v in terms.items()}
+    out["grad_norm"] = grad_norm.detach()
+    return out
+
+
+def distill_cached_step(
+    student_net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    *,
+    lr: float,
+    grad_clip: float = 1.0,
+    precision: str = "fp32",
+    **loss_kwargs,
+) -> dict[str, torch.Tensor]:
+    """One distillation update from cached teacher targets (DESIGN section 5): no teacher call.
+
+    ``batch`` holds ``x_lr``, ``x0``, ``t`` ``(B,)``, ``u_bar``, ``v_bar``, ``v_bound``.
+    """
+    loss_kwargs = {k: v for k, v in loss_kwargs.items() if k not in ("dt", "r")}
+    with autocast(batch["x0"].device, precision):
+        terms = distill_cached(
+            conditioned(student_net, batch["x_lr"]),
+            batch["x0"],
+            batch["t"],
+            batch["u_bar"],
+            batch["v_bar"],
+            batch["v_bound"],
+            **loss_kwargs,
+        )
     loss = terms["total"].mean()
     grad_norm = _optimise(student_net, optimizer, loss, lr, grad_clip)
     out = {k: v.detach().mean() for k, v in terms.items()}

@@ -7,19 +7,21 @@ The paper settings (DESIGN sections 3, 4, 7) take their data location from ``--s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
+from oftsr.cache.config import TrajectoryConfig
 from oftsr.data.config import DataConfig
 from oftsr.ema import half_life_from_decay
 from oftsr.train.config import DistillLossConfig, StageConfig
 from oftsr.training import OptimConfig
 
-SAMPLE_PHOTOS = "outputs/sample_photos"
+SAMPLE_PHOTOS = "outputs/sample_photos"  # export_sample_split() writes train/ and heldout/ below it
 PAPER_EMA_HALF_LIFE = half_life_from_decay(0.9999, 32)  # EMA 0.9999 at batch 32, about 221,800 images
 
 
 def _quickstart(stage: str) -> StageConfig:
-    data = DataConfig(source=SAMPLE_PHOTOS, crop=64, crops_per_image=8, batch_size=4, num_cpus=0.25)
+    data = DataConfig(source=f"{SAMPLE_PHOTOS}/train", crop=64, crops_per_image=8, batch_size=4, num_cpus=0.25)
     common = dict(
         data=data,
         preset="tiny",
@@ -44,10 +46,10 @@ def _quickstart(stage: str) -> StageConfig:
         stage="distill",
         run_name="quickstart-distill",
         teacher="outputs/ray_results/quickstart-teacher",
-        total_images=3_200,
+        total_images=1_280,
         optim=OptimConfig(lr=1e-4, warmup_images=320),
         ema_half_life_images=500,
-        checkpoint_every_images=1_600,
+        checkpoint_every_images=640,
         **common,
     )
 
@@ -125,13 +127,56 @@ RECIPES: dict[str, Callable[[str], StageConfig]] = {
 }
 
 
-def recipe(name: str, stage: str) -> StageConfig:
-    """The ``stage`` (``teacher`` / ``distill``) config of recipe ``name``."""
+def trajectories(name: str) -> TrajectoryConfig:
+    """The trajectory-cache config of recipe ``name``: same data, degradation and sigma_p as its distill stage."""
+    distill = recipe(name, "distill")
+    small = name == "quickstart"
+    data = dataclasses.replace(distill.data, crops_per_image=4 if small else 16, p_vflip=distill.data.p_vflip)
+    return TrajectoryConfig(
+        run_name=f"{name}-trajectories",
+        data=data,
+        teacher=distill.teacher,
+        sigma_p=distill.sigma_p,
+        out="outputs/cache" if small else f"s3://my-bucket/oftsr/{name}/cache",
+        keys_per_shard=2 if small else 64,
+        batch=8,
+        concurrency=2 if small else 8,
+        use_gpu=not small,
+        cpus_per_actor=0.5 if small else 4.0,
+        points_per_sample=0 if small else 6,
+    )
+
+
+def recipe(name: str, stage: str) -> StageConfig | TrajectoryConfig:
+    """The ``stage`` (``teacher``, ``trajectories`` or ``distill``) config of recipe ``name``."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; available: {sorted(RECIPES)}")
+    if stage == "trajectories":
+        return trajectories(name)
     if stage not in ("teacher", "distill"):
         raise ValueError(f"unknown stage {stage!r}")
     return RECIPES[name](stage)
 
 
 __all__ = ["RECIPES", "recipe"]
+
+
+def pipeline(name: str):
+    """The whole pipeline of recipe ``name`` (``oftsr run``): its stages plus evaluation and registration."""
+    from pipelines.pipeline import EvalConfig, PipelineConfig
+
+    small = name == "quickstart"
+    distill = recipe(name, "distill")
+    evaluate = (
+        EvalConfig(source=f"{SAMPLE_PHOTOS}/heldout", crop=64, crops_per_image=8)
+        if small
+        else EvalConfig(source=f"s3://my-bucket/{name}-heldout", crop=256, crops_per_image=1)
+    )
+    return PipelineConfig(
+        name=name,
+        teacher=recipe(name, "teacher"),
+        distill=distill,
+        trajectories=trajectories(name),
+        evaluate=evaluate,
+        out="outputs/quickstart" if small else f"outputs/{name}",
+    )

@@ -17,11 +17,14 @@ from oftsr.tracking import MetricLogger, check_reachable, finish_run, git_commit
 from oftsr.train.config import StageConfig
 
 
-def resolve_paths(cfg: StageConfig) -> StageConfig:
-    """Absolute local paths (workers do not share the driver's working directory) and an absolute SQLite URI."""
+def absolute(p: str | None) -> str | None:
+    """A local path made absolute (Ray workers do not share the driver's working directory); URIs unchanged."""
+    return os.path.abspath(p) if p and protocol_of(p) == "file" else p
 
-    def local(p: str | None) -> str | None:
-        return os.path.abspath(p) if p and protocol_of(p) == "file" else p
+
+def resolve_paths(cfg: StageConfig) -> StageConfig:
+    """Absolute local paths and an absolute SQLite URI."""
+    local = absolute
 
     data = dataclasses.replace(cfg.data, source=local(cfg.data.source), manifest=local(cfg.data.manifest))
     return dataclasses.replace(
@@ -30,6 +33,7 @@ def resolve_paths(cfg: StageConfig) -> StageConfig:
         storage_path=local(cfg.storage_path),
         teacher=local(cfg.teacher),
         pretrained=local(cfg.pretrained),
+        cache=local(cfg.cache),
         tracking=cfg.tracking.resolved(),
     )
 
@@ -45,6 +49,29 @@ def storage_for(cfg: StageConfig) -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+def log_cache_input(cfg: StageConfig, run_id: str, manifest: dict[str, Any]) -> None:
+    """Record the trajectory cache as an MLflow dataset input of the distill run (idempotent on resume)."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from oftsr.tracking import client
+
+    c = client(cfg.tracking.tracking_uri)
+    digest = manifest["hash"]
+    if any(d.dataset.digest == digest for d in c.get_run(run_id).inputs.dataset_inputs):
+        return
+    dataset = Dataset(
+        name=f"trajectories-{digest}",
+        digest=digest,
+        source_type="trajectory_cache",
+        source=json.dumps({"uri": cfg.cache}),
+        schema=json.dumps({"rows": manifest["rows"]}),
+        profile=json.dumps({"rows": manifest["rows"], "bytes": manifest["bytes"]}),
+    )
+    c.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
+
+
 def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
     """Run (or resume) a training stage; returns ``{"run_id", "checkpoint", "images_seen", "metrics", ...}``."""
     import ray
@@ -57,8 +84,15 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
 
     cfg = resolve_paths(cfg)
     check_reachable(cfg.tracking.tracking_uri)  # before any compute
-    rows = source_rows(cfg.data)
-    data_hash = manifest_hash(rows)
+    cache_manifest = None
+    if cfg.targets == "cached":
+        from oftsr.cache.store import read_manifest as read_cache_manifest
+
+        cache_manifest = read_cache_manifest(cfg.cache, cfg.data.storage_options)  # refuses an incomplete cache
+        rows, data_hash = [], cache_manifest["key"]["manifest_hash"]
+    else:
+        rows = source_rows(cfg.data)
+        data_hash = manifest_hash(rows)
     key = run_key(cfg.stage, cfg.storage_path, cfg.run_name)
     tags = {
         "oftsr.stage": cfg.stage,
@@ -83,7 +117,15 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init()
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset, ledger = training_dataset(cfg.data, rows=rows)
+    if cache_manifest is not None:
+        from oftsr.cache.stage import cached_dataset
+
+        dataset, _ = cached_dataset(cfg.cache, cfg.data.storage_options, num_cpus=cfg.data.num_cpus)
+        ledger = None
+        log_cache_input(cfg, run_id, cache_manifest)
+        log(f"distill: cached targets from {cfg.cache} ({cache_manifest['rows']} rows, no teacher in the loop)")
+    else:
+        dataset, ledger = training_dataset(cfg.data, rows=rows)
     storage_path, storage_fs = storage_for(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -106,9 +148,10 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
     except Exception:
         finish_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
         raise
-    summary = ledger.summary()
-    log(format_summary(summary))
-    MetricLogger(cfg.tracking.tracking_uri, run_id).log_dict(summary, "data/skipped.json")
+    summary = ledger.summary() if ledger is not None else {"seen": 0, "skipped": 0, "reasons": {}, "items": []}
+    if ledger is not None:
+        log(format_summary(summary))
+        MetricLogger(cfg.tracking.tracking_uri, run_id).log_dict(summary, "data/skipped.json")
     finish_run(cfg.tracking.tracking_uri, run_id)
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if checkpoint and storage_fs is not None:

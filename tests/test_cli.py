@@ -10,7 +10,7 @@ def run_cli(*args, timeout=600):
 
 
 def test_quickstart_dry_run_prints_the_config():
-    proc = run_cli("quickstart", "--dry-run", "--steps", "7")
+    proc = run_cli("local-teacher", "--dry-run", "--steps", "7")
     assert proc.returncode == 0 and "steps=7" in proc.stdout
 
 
@@ -29,5 +29,5 @@ def test_quickstart_trains_and_writes_its_outputs(tmp_path):
 
 
 def test_bad_arguments_give_a_one_line_error_and_nonzero_exit():
-    proc = run_cli("quickstart", "--steps", "0")
+    proc = run_cli("local-teacher", "--steps", "0")
     assert proc.returncode == 2 and "error" in proc.stderr and "Traceback" not in proc.stderr

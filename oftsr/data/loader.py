@@ -1,5 +1,6 @@
-"""Reading crops inside Ray Train workers: ``iter_crops(ray.train.get_dataset_shard("train"), ...)`` yields
-``{"hr", "x_lr"[, "lr"], "box"}`` tensors on the worker's device and ``"key"`` as a list of source URIs."""
+"""Reading batches inside Ray Train workers: ``iter_crops(ray.train.get_dataset_shard("train"), ...)`` yields the
+numeric columns (``hr``, ``x_lr``[, ``lr``], ``box``, or the cached-target columns) as tensors, images on the
+worker's device, and string columns (``key``) as lists."""
 
 from __future__ import annotations
 
@@ -10,18 +11,19 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-TENSOR_COLUMNS = ("hr", "x_lr", "lr", "box")
+FLOAT_COLUMNS = ("hr", "x_lr", "lr", "x0", "t", "u_bar", "v_bar", "v_bound")
 
 
 class CropCollate(NumpyBatchCollateFn):
-    """Numeric columns to CPU tensors, the string ``key`` column to a list."""
+    """Numeric columns to CPU tensors, string columns to lists."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            c: torch.from_numpy(np.ascontiguousarray(batch[c])) for c in TENSOR_COLUMNS if c in batch
-        }
-        if "key" in batch:
-            out["key"] = [str(k) for k in batch["key"]]
+        out: dict[str, Any] = {}
+        for name, col in batch.items():
+            if col.dtype.kind in "biuf":
+                out[name] = torch.from_numpy(np.ascontiguousarray(col))
+            else:
+                out[name] = [str(v) for v in col]
         return out
 
 
@@ -34,11 +36,11 @@ def iter_crops(
     drop_last: bool = True,
     prefetch_batches: int = 2,
 ) -> Iterator[dict[str, Any]]:
-    """Batches of crops from a Ray Data shard (or dataset), images cast to ``dtype`` on ``device``."""
+    """Batches from a Ray Data shard (or dataset), float columns cast to ``dtype`` on ``device``."""
     for batch in shard.iter_torch_batches(
         batch_size=batch_size, collate_fn=CropCollate(), drop_last=drop_last, prefetch_batches=prefetch_batches
     ):
-        for name in ("hr", "x_lr", "lr"):
+        for name in FLOAT_COLUMNS:
             if name in batch:
                 batch[name] = batch[name].to(device=device, dtype=dtype, non_blocking=True)
         yield batch

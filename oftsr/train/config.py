@@ -79,6 +79,7 @@ class StageConfig:
     pretrained: str | None = None  # teacher: optional unconditional ADM weights to warm-start from
     teacher: str | None = None  # distill: the teacher checkpoint folder or URI (required)
     targets: Literal["online", "cached"] = "online"
+    cache: str | None = None  # distill with targets=cached: the trajectory cache URI
     sigma_p: float = 0.2
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     loss: DistillLossConfig = dataclasses.field(default_factory=DistillLossConfig)
@@ -109,6 +110,8 @@ class StageConfig:
             raise ValueError("teacher: the distill stage needs the teacher checkpoint (set teacher=PATH_OR_URI)")
         if self.stage == "teacher" and self.targets != "online":
             raise ValueError("targets: only the distill stage has targets")
+        if self.targets == "cached" and not self.cache:
+            raise ValueError("cache: targets=cached needs the trajectory cache URI (set cache=URI)")
         if not 0.0 <= self.sigma_p <= 1.0:
             raise ValueError(f"sigma_p must lie in [0, 1], got {self.sigma_p}")
         for name in ("batch_per_worker", "total_images", "checkpoint_every_images", "log_every_images", "workers"):

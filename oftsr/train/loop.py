@@ -29,7 +29,7 @@ from oftsr.nets import UNet, load_weights, preset_config
 from oftsr.tracking import MetricLogger
 from oftsr.train.checkpoint import load_checkpoint, load_teacher, save_checkpoint
 from oftsr.train.config import StageConfig
-from oftsr.training import distill_step, lr_at, make_optimizer, teacher_step
+from oftsr.training import distill_cached_step, distill_step, lr_at, make_optimizer, teacher_step
 
 
 class InjectedFault(RuntimeError):
@@ -60,15 +60,18 @@ def _networks(cfg: StageConfig) -> tuple[UNet, UNet | None]:
             load_weights(net, cfg.pretrained)
         return net, None
     unet_cfg, weights = load_teacher(cfg.teacher, cfg.data.storage_options)
-    student, teacher = UNet(unet_cfg), UNet(unet_cfg)
+    student = UNet(unet_cfg)
     student.load_state_dict(weights)
+    if cfg.targets == "cached":  # the cache holds the teacher's targets: no teacher in memory
+        return student, None
+    teacher = UNet(unet_cfg)
     teacher.load_state_dict(weights)
     return student, teacher.eval().requires_grad_(False)
 
 
-def _grid(cfg: StageConfig, net: torch.nn.Module, hr: torch.Tensor, x_lr: torch.Tensor) -> np.ndarray:
+def _grid(cfg: StageConfig, net: torch.nn.Module, hr: torch.Tensor | None, x_lr: torch.Tensor) -> np.ndarray:
     """Rows of LR | output(s) | HR as one uint8 image: the teacher's 8-NFE sample, or the student at t=0 and 1."""
-    gen = torch.Generator(device=hr.device).manual_seed(0)
+    gen = torch.Generator(device=x_lr.device).manual_seed(0)
     with evaluating(net):
         x0 = noisy_start(x_lr, cfg.sigma_p, gen)
         if cfg.stage == "teacher":
@@ -77,8 +80,8 @@ def _grid(cfg: StageConfig, net: torch.nn.Module, hr: torch.Tensor, x_lr: torch.
         else:
             v = conditioned(net, x_lr)
             outs = [one_step(v, x0, cfg.loss.t_min), one_step(v, x0, cfg.loss.t_max)]
-    cols = [x_lr, *outs, hr]
-    rows = torch.cat([torch.cat([image_to_uint8(c[i].float()) for c in cols], dim=-1) for i in range(hr.shape[0])], 1)
+    cols = [x_lr, *outs] + ([hr] if hr is not None else [])
+    rows = torch.cat([torch.cat([image_to_uint8(c[i].float()) for c in cols], dim=-1) for i in range(x_lr.shape[0])], 1)
     return rows.permute(1, 2, 0).cpu().numpy()
 
 
@@ -127,12 +130,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         for batch in iter_crops(shard, cfg.batch_per_worker, device=device):
             batches += 1
             take = min(cfg.batch_per_worker, (cfg.total_images - images_seen) // world)
-            hr, x_lr = batch["hr"][:take], batch["x_lr"][:take]
+            batch = {k: v[:take] for k, v in batch.items()}
+            x_lr = batch["x_lr"]
+            hr = batch.get("hr")
             _maybe_fault(cfg, rank, images_seen)
             lr = lr_at(images_seen, cfg.optim)
             common = dict(sigma_p=cfg.sigma_p, lr=lr, grad_clip=cfg.optim.grad_clip, precision=precision, generator=gen)
-            if teacher is None:
+            if cfg.stage == "teacher":
                 stats = teacher_step(model, optimizer, hr, x_lr, **common)
+            elif cfg.targets == "cached":
+                stats = distill_cached_step(
+                    model,
+                    optimizer,
+                    batch,
+                    lr=lr,
+                    grad_clip=cfg.optim.grad_clip,
+                    precision=precision,
+                    **dataclasses.asdict(cfg.loss),
+                )
             else:
                 stats = distill_step(model, teacher, optimizer, x_lr, **common, **dataclasses.asdict(cfg.loss))
             images_seen += take * world
@@ -212,5 +227,5 @@ def _report(cfg, rank, net, ema, optimizer, gen, images_seen, metrics, logger, h
             checkpoint_dir_name=name,
         )
     if logger and cfg.sample_grid > 0:
-        n = min(cfg.sample_grid, hr.shape[0])
-        logger.log_image(_grid(cfg, ema.module, hr[:n], x_lr[:n]), f"samples/{name}.png")
+        n = min(cfg.sample_grid, x_lr.shape[0])
+        logger.log_image(_grid(cfg, ema.module, None if hr is None else hr[:n], x_lr[:n]), f"samples/{name}.png")

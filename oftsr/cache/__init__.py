@@ -1,0 +1,1 @@
+"""Teacher-trajectory caches (DESIGN section 5): config and key, targets, storage layout, and the Ray stage."""

@@ -1,0 +1,214 @@
+"""Evaluation of bicubic, the teacher and the one-step student over a grid of knob values (DESIGN sections 6, 8).
+
+Plain PyTorch (plus matplotlib for the plot): the pipeline layer feeds it crops and logs what it returns. Metrics
+per method: PSNR and SSIM (RGB in [0, 1]), ST-LPIPS (shipped weights, always), LPIPS when its ImageNet backbone is
+on this machine. The fidelity-realism curve plots distortion (PSNR) against perceptual distance, one point per t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from oftsr.degrade import degrade
+from oftsr.flow import conditioned, noise_from_seed, noisy_start
+from oftsr.infer import evaluating, one_step
+from oftsr.metrics import LPIPS, STLPIPS, PerceptualWeightsMissing, psnr, ssim
+from oftsr.solvers import solve
+
+DEFAULT_KNOBS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    sigma_p: float
+    sf: int = 4
+    degradation: str = "bicubic"
+    sigma_y: float = 0.0
+    knobs: tuple[float, ...] = DEFAULT_KNOBS
+    teacher_method: str = "rk45"
+    teacher_steps: int | None = None
+    batch: int = 16
+    seed: int = 0
+
+
+class Perceptual:
+    """ST-LPIPS always; LPIPS (AlexNet) only when its backbone is already on this machine (never downloaded)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.st = STLPIPS().to(device)
+        try:
+            self.lpips: nn.Module | None = LPIPS(download=False).to(device)
+        except PerceptualWeightsMissing:
+            self.lpips = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"st_lpips": self.st(x, y)}
+        if self.lpips is not None:
+            out["lpips"] = self.lpips(x, y)
+        return out
+
+
+def _metrics(pred: torch.Tensor, hr: torch.Tensor, perceptual: Perceptual) -> dict[str, torch.Tensor]:
+    pred = pred.clamp(-1, 1)
+    return {"psnr": psnr(pred, hr), "ssim": ssim(pred, hr), **perceptual(pred, hr)}
+
+
+@torch.no_grad()
+def evaluate(
+    hr: torch.Tensor,
+    settings: EvalSettings,
+    *,
+    student: nn.Module | None = None,
+    teacher: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate on HR crops ``(N, 3, H, W)`` in [-1, 1]; fixed noise (``settings.seed``) for every method.
+
+    Returns ``{"rows": [{"method", "t", "nfe", "psnr", "ssim", "st_lpips"[, "lpips"]}], "n": N}``, the metrics
+    averaged over the crops.
+    """
+    perceptual = Perceptual(device)
+    sums: dict[tuple[str, float | None], dict[str, float]] = {}
+    nfe: dict[str, int] = {}
+    n = hr.shape[0]
+    batches = range(0, n, settings.batch)
+    for i in tqdm(batches, desc="evaluate", disable=not progress):
+        x1 = hr[i : i + settings.batch].to(device)
+        b = x1.shape[0]
+        gen = torch.Generator().manual_seed(settings.seed * 100_003 + i)
+        _, x_lr = degrade(x1.cpu(), settings.sf, settings.degradation, settings.sigma_y, gen)
+        x_lr = x_lr.to(device)
+        eps = noise_from_seed(x1.shape[1:], [settings.seed * 1_000_003 + i + j for j in range(b)], device=device)
+        x0 = noisy_start(x_lr, settings.sigma_p, noise=eps)
+        results: dict[tuple[str, float | None], torch.Tensor] = {("bicubic", None): x_lr}
+        if teacher is not None:
+            with evaluating(teacher):
+                sol = solve(
+                    conditioned(teacher, x_lr), x0, method=settings.teacher_method, steps=settings.teacher_steps
+                )
+            results[("teacher", None)] = sol.x
+            nfe["teacher"] = max(nfe.get("teacher", 0), sol.nfe)
+        if student is not None:
+            with evaluating(student):
+                v = conditioned(student, x_lr)
+                for t in settings.knobs:
+                    results[("student", float(t))] = one_step(v, x0, float(t))
+        for key, pred in results.items():
+            acc = sums.setdefault(key, {})
+            for name, values in _metrics(pred, x1, perceptual).items():
+                acc[name] = acc.get(name, 0.0) + float(values.sum())
+    rows = []
+    for (method, t), acc in sums.items():
+        row: dict[str, Any] = {
+            "method": method,
+            "t": t,
+            "nfe": {"bicubic": 0, "student": 1}.get(method, nfe.get(method)),
+        }
+        row.update({k: v / n for k, v in acc.items()})
+        rows.append(row)
+    return {
+        "rows": rows,
+        "n": n,
+        "perceptual": "lpips" if perceptual.lpips is not None else "st_lpips",
+        "settings": dataclasses.asdict(settings),
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    metrics = ["psnr", "ssim", "st_lpips"] + (["lpips"] if report["perceptual"] == "lpips" else [])
+    head = "| method | t | NFE | " + " | ".join(m.upper().replace("_", "-") for m in metrics) + " |"
+    lines = [head, "|" + "---|" * (3 + len(metrics))]
+    for r in report["rows"]:
+        t = "" if r["t"] is None else f"{r['t']:.1f}"
+        vals = " | ".join(f"{r[m]:.2f}" if m == "psnr" else f"{r[m]:.4f}" for m in metrics)
+        lines.append(f"| {r['method']} | {t} | {r['nfe'] if r['nfe'] is not None else ''} | {vals} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(report: dict[str, Any], path: str | Path, title: str = "fidelity-realism curve") -> Path:
+    """Distortion (PSNR, up is better) against perceptual distance (left is better), student points labelled t."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = report["perceptual"]
+    label = "LPIPS" if metric == "lpips" else "ST-LPIPS"
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    student = sorted((r for r in report["rows"] if r["method"] == "student"), key=lambda r: r["t"])
+    if student:
+        ax.plot(
+            [r[metric] for r in student], [r["psnr"] for r in student], "-o", color="tab:blue", label="one-step student"
+        )
+        for r in student:
+            ax.annotate(
+                f"t={r['t']:.1f}", (r[metric], r["psnr"]), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
+    for method, marker, color in (("teacher", "*", "tab:red"), ("bicubic", "s", "tab:gray")):
+        for r in report["rows"]:
+            if r["method"] == method:
+                name = f"teacher ({r['nfe']} NFE)" if method == "teacher" else "bicubic"
+                ax.scatter([r[metric]], [r["psnr"]], marker=marker, s=120, color=color, label=name, zorder=3)
+    ax.set_xlabel(f"{label} (perceptual distance, lower is better)")
+    ax.set_ylabel("PSNR dB (fidelity, higher is better)")
+    ax.set_title(f"{title} ({report['n']} crops)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict[str, Any], folder: str | Path, title: str = "fidelity-realism curve") -> dict[str, Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": folder / "evaluation.json", "markdown": folder / "evaluation.md", "curve": folder / "curve.png"}
+    paths["json"].write_text(json.dumps(report, indent=2))
+    paths["markdown"].write_text(markdown_table(report))
+    plot_curve(report, paths["curve"], title)
+    return paths
+
+
+def knob_trend(report: dict[str, Any]) -> dict[str, float]:
+    """PSNR and perceptual distance at t = 0 and t = 1 (the two ends of the knob)."""
+    metric = report["perceptual"]
+    ends = {r["t"]: r for r in report["rows"] if r["method"] == "student" and r["t"] in (0.0, 1.0)}
+    if 0.0 not in ends or 1.0 not in ends:
+        return {}
+    return {
+        "psnr_t0": ends[0.0]["psnr"],
+        "psnr_t1": ends[1.0]["psnr"],
+        f"{metric}_t0": ends[0.0][metric],
+        f"{metric}_t1": ends[1.0][metric],
+    }
+
+
+def strip(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Side-by-side uint8 ``(3, H, sum W)`` of ``(3, H, W)`` images in [-1, 1]."""
+    from oftsr.conventions import image_to_uint8
+
+    return torch.cat([image_to_uint8(im.float()) for im in images], dim=-1)
+
+
+__all__ = [
+    "DEFAULT_KNOBS",
+    "EvalSettings",
+    "evaluate",
+    "knob_trend",
+    "markdown_table",
+    "plot_curve",
+    "strip",
+    "write_report",
+]
