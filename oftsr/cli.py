@@ -164,6 +164,45 @@ def _upscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from pipelines import submit
+
+    job_id = submit.submit(
+        args.address,
+        args.target,
+        args.recipe,
+        args.set,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        job_id=args.job_id,
+    )
+    print(job_id, flush=True)
+    if not args.wait:
+        return 0
+    final = submit.wait(args.address, job_id, follow=not args.quiet)
+    print(f"job {job_id}: {final}", file=sys.stderr)
+    return submit.EXIT_CODES[final]
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from pipelines import submit
+
+    if args.action == "status":
+        state = submit.status(args.address, args.job_id)
+        print(state)
+        return submit.EXIT_CODES[state]
+    if args.action == "logs":
+        print(submit.logs(args.address, args.job_id), end="")
+        return 0
+    if args.action == "wait":
+        state = submit.wait(args.address, args.job_id, follow=False)
+        print(state)
+        return submit.EXIT_CODES[state]
+    stopped = submit.stop(args.address, args.job_id)
+    print("stopped" if stopped else "not running")
+    return 0
+
+
 def _samples(args: argparse.Namespace) -> int:
     from oftsr.samples import export_sample_photos
 
@@ -197,40 +236,39 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=int, default=16, help="parallel listing threads (default: %(default)s)")
     m.set_defaults(func=_manifest)
 
-    r = sub.add_parser("run", help="the whole pipeline: teacher, (trajectories,) distill, evaluate, register")
-    r.add_argument("recipe", help="recipe name: quickstart, ffhq_x4, ffhq_x4_noisy, div2k_x4, imagenet_x4")
-    r.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override, e.g. --set teacher.total_images=3200 --set distill.targets=cached",
-    )
-    r.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    r.set_defaults(func=_run)
-
-    for stage, text in (
-        ("teacher", "train the conditional rectified-flow teacher (Ray Train)"),
-        ("distill", "distill the teacher into the one-step student (Ray Train)"),
-    ):
-        p = sub.add_parser(stage, help=text)
+    def recipe_command(name: str, text: str, example: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text)
         p.add_argument("recipe", help="recipe name: quickstart, ffhq_x4, ffhq_x4_noisy, div2k_x4, imagenet_x4")
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config field, e.g. --set optim.lr=3e-4 --set workers=4",
-        )
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override, e.g. {example}")
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-        p.set_defaults(func=_stage)
+        p.set_defaults(func=func)
+        return p
 
-    t = sub.add_parser("trajectories", help="precompute the teacher-trajectory cache (Ray Data actor pool)")
-    t.add_argument("recipe", help="recipe name (see `oftsr teacher --help`)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    recipe_command(
+        "run",
+        "the whole pipeline: teacher, (trajectories,) distill, evaluate, register",
+        "--set teacher.total_images=3200 --set distill.targets=cached",
+        _run,
+    )
+    recipe_command(
+        "teacher",
+        "train the conditional rectified-flow teacher (Ray Train)",
+        "--set optim.lr=3e-4 --set workers=4",
+        _stage,
+    )
+    recipe_command(
+        "distill",
+        "distill the teacher into the one-step student (Ray Train)",
+        "--set targets=cached --set cache=URI",
+        _stage,
+    )
+    t = recipe_command(
+        "trajectories",
+        "precompute the teacher-trajectory cache (Ray Data actor pool)",
+        "--set points_per_sample=6",
+        _trajectories,
+    )
     t.add_argument("--max-shards", type=int, default=0, help="stop after this many new shards (0: all)")
-    t.set_defaults(func=_trajectories)
 
     c = sub.add_parser("cache", help="list or verify trajectory caches")
     c.add_argument("action", choices=["ls", "verify"])
@@ -259,6 +297,25 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--seed", type=int, default=0, help="noise seed")
     u.set_defaults(func=_upscale)
 
+    default_address = os.environ.get("RAY_API_SERVER_ADDRESS", os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"))
+    j = sub.add_parser("submit", help="submit the pipeline (RECIPE) or one stage (STAGE RECIPE) as a Ray job")
+    j.add_argument("target", help="a recipe (whole pipeline) or a stage: teacher, trajectories, distill")
+    j.add_argument("recipe", nargs="?", help="the recipe, when TARGET is a stage")
+    j.add_argument("--address", default=default_address, help="Ray job server (default: %(default)s)")
+    j.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    j.add_argument("--num-cpus", type=float, default=0.5, help="CPUs reserved for the driver (default: 0.5)")
+    j.add_argument("--num-gpus", type=float, default=0, help="GPUs reserved for the driver (default: 0)")
+    j.add_argument("--job-id", default=None, help="submission id (default: generated)")
+    j.add_argument("--wait", action="store_true", help="follow the logs; exit with the job's final status")
+    j.add_argument("--quiet", action="store_true", help="with --wait: do not print the logs")
+    j.set_defaults(func=_submit)
+
+    jb = sub.add_parser("jobs", help="status, logs, wait for or stop a submitted job")
+    jb.add_argument("action", choices=["status", "logs", "wait", "stop"])
+    jb.add_argument("job_id")
+    jb.add_argument("--address", default=default_address, help="Ray job server (default: %(default)s)")
+    jb.set_defaults(func=_jobs)
+
     s = sub.add_parser("samples", help="export the sample photos shipped in installed wheels as PNGs")
     s.add_argument("folder", nargs="?", default="outputs/sample_photos")
     s.set_defaults(func=_samples)
@@ -269,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError, ConnectionError, TimeoutError) as err:
         print(f"oftsr {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -134,15 +134,17 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
     plog = MetricLogger(tracking.tracking_uri, parent)
     c = client(tracking.tracking_uri)
 
+    def stage(stage_cfg: StageConfig) -> tuple[str, str | None]:
+        """``(final checkpoint, MLflow run id)``: a finished stage is reused (no run id), else run or resumed."""
+        done = _finished(stage_cfg)
+        if done:
+            log(f"{stage_cfg.stage}: reusing the finished checkpoint {done}")
+            return done, None
+        res = run_stage(stage_cfg, log=log)
+        return res["checkpoint"], res["run_id"]
+
     # 1-2. teacher
-    teacher_cfg = _with_parent(cfg.teacher, tracking, parent)
-    teacher_ckpt = _finished(teacher_cfg)
-    if teacher_ckpt:
-        log(f"teacher: reusing the finished checkpoint {teacher_ckpt}")
-        teacher_run = None
-    else:
-        res = run_stage(teacher_cfg, log=log)
-        teacher_ckpt, teacher_run = res["checkpoint"], res["run_id"]
+    teacher_ckpt, teacher_run = stage(_with_parent(cfg.teacher, tracking, parent))
 
     # 3. trajectories (cached targets only)
     distill_cfg = dataclasses.replace(cfg.distill, teacher=teacher_ckpt)
@@ -154,14 +156,7 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
         distill_cfg = dataclasses.replace(distill_cfg, cache=cache["uri"])
 
     # 4. distill
-    distill_cfg = _with_parent(distill_cfg, tracking, parent)
-    student_ckpt = _finished(distill_cfg)
-    if student_ckpt:
-        log(f"distill: reusing the finished checkpoint {student_ckpt}")
-        distill_run = None
-    else:
-        res = run_stage(distill_cfg, log=log)
-        student_ckpt, distill_run = res["checkpoint"], res["run_id"]
+    student_ckpt, distill_run = stage(_with_parent(distill_cfg, tracking, parent))
 
     # 5. evaluate
     from oftsr.nets import UNet

@@ -13,6 +13,8 @@ from typing import Any
 
 from oftsr.data.storage import filesystem, protocol_of
 from oftsr.overrides import flatten
+from oftsr.preflight import preflight
+from oftsr.raycluster import ensure_ray
 from oftsr.tracking import MetricLogger, check_reachable, finish_run, git_commit, run_key, start_or_resume_run
 from oftsr.train.config import StageConfig
 
@@ -84,6 +86,9 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
 
     cfg = resolve_paths(cfg)
     check_reachable(cfg.tracking.tracking_uri)  # before any compute
+    ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    preflight(cfg.storage_path, cfg.tracking.tracking_uri, storage_shared=cfg.storage_shared)
     cache_manifest = None
     if cfg.targets == "cached":
         from oftsr.cache.store import read_manifest as read_cache_manifest
@@ -114,9 +119,6 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
         f"{cfg.total_images} images at {cfg.global_batch} per step on {cfg.workers} workers"
     )
 
-    if not ray.is_initialized():
-        ray.init()
-    ray.data.DataContext.get_current().enable_progress_bars = False
     if cache_manifest is not None:
         from oftsr.cache.stage import cached_dataset
 

@@ -23,6 +23,7 @@ class TrajectoryConfig:
     data: DataConfig
     teacher: str  # teacher checkpoint folder / run folder / URI
     out: str = "outputs/cache"  # caches live under OUT/trajectories/<hash>/
+    storage_shared: bool = False  # a local OUT that every node mounts
     sigma_p: float = 0.2
     grid: tuple[float, ...] = DEFAULT_GRID
     points_per_sample: int = 0  # grid points stored per sample (0: all), chosen from the sample's seed

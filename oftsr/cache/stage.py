@@ -26,6 +26,7 @@ from oftsr.cache.store import (
 from oftsr.data.decode import DecodeError, decode_image
 from oftsr.data.storage import filesystem, read_bytes
 from oftsr.nets import UNet
+from oftsr.raycluster import ensure_ray
 from oftsr.train.checkpoint import latest_checkpoint, load_teacher
 
 
@@ -172,6 +173,10 @@ def run_trajectories(cfg: TrajectoryConfig, *, max_shards: int = 0, log=print) -
     from oftsr.tracking import MetricLogger, check_reachable, finish_run, git_commit, run_key, start_or_resume_run
 
     check_reachable(cfg.tracking.tracking_uri)
+    ensure_ray()
+    from oftsr.preflight import preflight
+
+    preflight(cfg.out, cfg.tracking.tracking_uri, storage_shared=cfg.storage_shared, what="out")
     rows = source_rows(cfg.data)
     teacher_uri, version = teacher_version(cfg.teacher, cfg.data.storage_options)
     prefix, key, shards = plan(cfg, rows, version)
@@ -204,8 +209,6 @@ def run_trajectories(cfg: TrajectoryConfig, *, max_shards: int = 0, log=print) -
     start = time.perf_counter()
     results: list[dict[str, Any]] = []
     if pending:
-        if not ray.is_initialized():
-            ray.init()
         ray.data.DataContext.get_current().enable_progress_bars = False
         items = [{"shard": i, "keys": json.dumps(shards[i])} for i in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(

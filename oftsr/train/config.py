@@ -74,6 +74,7 @@ class StageConfig:
     run_name: str
     data: DataConfig
     storage_path: str = "outputs/ray_results"
+    storage_shared: bool = False  # a local storage_path that every node mounts (NFS, FSx, ...)
     preset: str = "tiny"
     unet: dict[str, Any] = dataclasses.field(default_factory=dict)
     pretrained: str | None = None  # teacher: optional unconditional ADM weights to warm-start from
