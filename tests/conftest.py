@@ -57,6 +57,7 @@ def ray_cluster(s3_endpoint):
     import ray
 
     ray.init(
+        address="local",  # a new cluster, never a stale `ray start` record
         num_cpus=4,
         include_dashboard=True,
         log_to_driver=False,
