@@ -9,15 +9,15 @@ def run_cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "oftsr.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_quickstart_dry_run_prints_the_config():
+def test_local_teacher_dry_run_prints_the_config():
     proc = run_cli("local-teacher", "--dry-run", "--steps", "7")
     assert proc.returncode == 0 and "steps=7" in proc.stdout
 
 
-def test_quickstart_trains_and_writes_its_outputs(tmp_path):
+def test_local_teacher_trains_and_writes_its_outputs(tmp_path):
     out = tmp_path / "qs"
     proc = run_cli(
-        "quickstart", "--out", str(out), "--photos", str(tmp_path / "photos"), "--steps", "30", "--batch", "4"
+        "local-teacher", "--out", str(out), "--photos", str(tmp_path / "photos"), "--steps", "30", "--batch", "4"
     )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())

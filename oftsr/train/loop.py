@@ -72,13 +72,13 @@ def _networks(cfg: StageConfig) -> tuple[UNet, UNet | None]:
 def _grid(cfg: StageConfig, net: torch.nn.Module, hr: torch.Tensor | None, x_lr: torch.Tensor) -> np.ndarray:
     """Rows of LR | output(s) | HR as one uint8 image: the teacher's 8-NFE sample, or the student at t=0 and 1."""
     gen = torch.Generator(device=x_lr.device).manual_seed(0)
+    eps = torch.randn(x_lr.shape, generator=gen, device=x_lr.device, dtype=x_lr.dtype)  # the same noise every time
     with evaluating(net):
-        x0 = noisy_start(x_lr, cfg.sigma_p, gen)
         if cfg.stage == "teacher":
-            eps = (x0 - (1 - cfg.sigma_p**2) ** 0.5 * x_lr) / cfg.sigma_p if cfg.sigma_p > 0 else None
             outs = [sample(net, x_lr, sigma_p=cfg.sigma_p, method="midpoint", steps=4, noise=eps).x]
         else:
             v = conditioned(net, x_lr)
+            x0 = noisy_start(x_lr, cfg.sigma_p, noise=eps)
             outs = [one_step(v, x0, cfg.loss.t_min), one_step(v, x0, cfg.loss.t_max)]
     cols = [x_lr, *outs] + ([hr] if hr is not None else [])
     rows = torch.cat([torch.cat([image_to_uint8(c[i].float()) for c in cols], dim=-1) for i in range(x_lr.shape[0])], 1)
