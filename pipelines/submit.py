@@ -86,16 +86,26 @@ def submit(
     num_cpus: float = 0.5,
     num_gpus: float = 0,
     job_id: str | None = None,
+    agent_wait_s: float = 120.0,
 ) -> str:
+    """Submit; a cluster whose job agent is still starting ("no available agent") is retried for up to
+    ``agent_wait_s`` seconds."""
     c = client(address)
-    return c.submit_job(
-        entrypoint=entrypoint(target, recipe, sets),
-        runtime_env=runtime_env(),
-        submission_id=job_id,
-        entrypoint_num_cpus=num_cpus,
-        entrypoint_num_gpus=num_gpus or None,
-        metadata={"oftsr.target": target, "oftsr.recipe": recipe or target},
-    )
+    deadline = time.time() + agent_wait_s
+    while True:
+        try:
+            return c.submit_job(
+                entrypoint=entrypoint(target, recipe, sets),
+                runtime_env=runtime_env(),
+                submission_id=job_id,
+                entrypoint_num_cpus=num_cpus,
+                entrypoint_num_gpus=num_gpus or None,
+                metadata={"oftsr.target": target, "oftsr.recipe": recipe or target},
+            )
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(3)
 
 
 def wait(address: str, job_id: str, *, timeout_s: float = 0, follow: bool = True, log=print) -> str:

@@ -109,10 +109,23 @@ def services(tmp_path_factory):
             "--num-cpus=4",
             "--include-dashboard=true",
             "--disable-usage-stats",
+            # every other port free too: the session's in-process cluster may hold Ray's default ports
+            *(
+                f"--{name}={free_port()}"
+                for name in (
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "runtime-env-agent-port",
+                    "metrics-export-port",
+                    "node-manager-port",
+                    "object-manager-port",
+                    "ray-client-server-port",
+                )
+            ),
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=open(root / "head.log", "w"),  # noqa: SIM115 - closed with the process
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     server = subprocess.Popen(
@@ -131,12 +144,12 @@ def services(tmp_path_factory):
             "1",
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=open(root / "mlflow.log", "w"),  # noqa: SIM115 - closed with the process
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     address, tracking = f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{mlflow_port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     from oftsr.tracking import check_reachable
 
     while True:
@@ -150,7 +163,8 @@ def services(tmp_path_factory):
             if time.time() > deadline or head.poll() is not None:
                 for proc in (server, head):
                     os.killpg(proc.pid, signal.SIGKILL)
-                raise
+                logs = {n: (root / n).read_text()[-1500:] for n in ("head.log", "mlflow.log")}
+                raise RuntimeError(f"services did not come up: {logs}") from None
             time.sleep(1)
     try:
         yield {"root": root, "address": address, "tracking": tracking, "env": env}
