@@ -147,6 +147,37 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from oftsr.evaluation import EvalSettings, evaluate, write_report
+    from oftsr.registry import load_model
+    from pipelines.pipeline import EvalConfig, held_out_crops
+
+    student, meta = load_model(args.student, tracking_uri=args.tracking_uri)
+    teacher = load_model(args.teacher, tracking_uri=args.tracking_uri)[0] if args.teacher else None
+    cfg = EvalConfig(source=args.source, crop=args.crop, crops_per_image=args.crops_per_image, knobs=tuple(args.knobs))
+    hr, skipped = held_out_crops(cfg)
+    for item in skipped:
+        print(f"skipped {item}", file=sys.stderr)
+    settings = EvalSettings(
+        sigma_p=float(meta["sigma_p"]),
+        sf=int(meta["sf"]),
+        degradation=meta["degradation"],
+        knobs=cfg.knobs,
+        teacher_method="midpoint" if args.teacher_steps else "rk45",
+        teacher_steps=args.teacher_steps or None,
+    )
+    report = evaluate(hr, settings, student=student, teacher=teacher)
+    paths = write_report(report, args.out)
+    print((paths["markdown"]).read_text(), end="")
+    print(f"curve: {paths['curve']}")
+    if args.run_id:
+        from oftsr.tracking import client
+
+        for path in paths.values():
+            client(args.tracking_uri).log_artifact(args.run_id, str(path), "evaluation")
+    return 0
+
+
 def _upscale(args: argparse.Namespace) -> int:
     from pipelines.upscale import run_upscale
 
@@ -276,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("-v", "--verbose", action="store_true", help="ls: print each cache's key")
     c.set_defaults(func=_cache)
+
+    ev = sub.add_parser("evaluate", help="bicubic, teacher and student over the knob grid on held-out images")
+    ev.add_argument("--student", required=True, help="models:/NAME@ALIAS, model folder, or checkpoint/run folder")
+    ev.add_argument("--teacher", default=None, help="the teacher, same forms (optional)")
+    ev.add_argument("--source", required=True, help="held-out images: folder, s3:// prefix")
+    ev.add_argument("-o", "--out", default="outputs/evaluation", help="report folder (default: %(default)s)")
+    ev.add_argument("--crop", type=int, default=64, help="HR crop size (default: %(default)s)")
+    ev.add_argument("--crops-per-image", type=int, default=8, help="crops per held-out image (default: 8)")
+    ev.add_argument("--knobs", type=float, nargs="+", default=[round(0.1 * i, 1) for i in range(11)])
+    ev.add_argument("--teacher-steps", type=int, default=0, help="midpoint steps for the teacher (0: adaptive RK45)")
+    ev.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    ev.add_argument("--run-id", default=None, help="also log the report to this MLflow run")
+    ev.set_defaults(func=_evaluate)
 
     u = sub.add_parser("upscale", help="4x upscale PNG/JPEG files or folders with the one-step student")
     u.add_argument("inputs", nargs="+", help="image files or folders")
