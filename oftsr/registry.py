@@ -174,10 +174,9 @@ def load_model(uri: str, *, tracking_uri: str | None = None) -> tuple[UNet, dict
         return _build(path / "artifacts" / "weights.safetensors", path / "artifacts" / "model.json")
     if (path / "model.json").is_file():
         return _build(path / "weights.safetensors", path / "model.json")
-    from oftsr.train.checkpoint import load_checkpoint, local_copy
+    from oftsr.train.checkpoint import read_checkpoint
 
-    folder, _ = local_copy(uri)
-    ckpt = load_checkpoint(folder)
+    ckpt = read_checkpoint(uri)
     net = UNet(ckpt["unet"])
     net.load_state_dict(ckpt["ema"])
     stage = ckpt["stage"]

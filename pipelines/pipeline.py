@@ -10,15 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from oftsr.augment import apply_box, random_box
+from oftsr.augment import random_box
 from oftsr.cache.config import TrajectoryConfig
 from oftsr.conventions import uint8_to_image
-from oftsr.data.decode import DecodeError, decode_image
+from oftsr.data.decode import DecodeError
 from oftsr.data.manifest import list_images
-from oftsr.data.storage import filesystem, read_bytes
+from oftsr.data.transforms import crop_array, fetch_image
 from oftsr.evaluation import DEFAULT_KNOBS, EvalSettings, evaluate, knob_trend, strip, write_report
 from oftsr.train.config import StageConfig, TrackingConfig
 
@@ -60,17 +59,15 @@ class PipelineConfig:
 
 def _finished(cfg: StageConfig) -> str | None:
     """The final checkpoint of a stage that already reached its target, else ``None``."""
-    from oftsr.train.checkpoint import latest_checkpoint, load_checkpoint, local_copy
+    from oftsr.train.checkpoint import read_checkpoint, resolve_checkpoint
 
-    uri = f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}"
+    options = cfg.data.storage_options
     try:
-        fs, path = filesystem(uri, cfg.data.storage_options)
-        latest_checkpoint(fs, path)
-        folder, _ = local_copy(uri, cfg.data.storage_options)
-        state = load_checkpoint(folder)["state"]
+        uri = resolve_checkpoint(f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}", options)
+        state = read_checkpoint(uri, options)["state"]
     except (FileNotFoundError, ValueError):
         return None
-    return str(folder) if int(state["images_seen"]) >= cfg.total_images else None
+    return uri if int(state["images_seen"]) >= cfg.total_images else None
 
 
 def held_out_crops(cfg: EvalConfig, storage_options=None) -> tuple[torch.Tensor, list[str]]:
@@ -81,19 +78,17 @@ def held_out_crops(cfg: EvalConfig, storage_options=None) -> tuple[torch.Tensor,
     for r in rows:
         key = r["key"]
         try:
-            fs, path = filesystem(key, storage_options)
-            img = decode_image(read_bytes(fs, path, key=key), key)
-        except (DecodeError, FileNotFoundError) as err:
+            img = fetch_image(key, storage_options)
+        except DecodeError as err:
             skipped.append(f"{key}: {err}")
             continue
         if min(img.shape[:2]) < cfg.crop:
             skipped.append(f"{key}: smaller than {cfg.crop}")
             continue
-        tensor = torch.from_numpy(np.array(img)).permute(2, 0, 1)
         gen = torch.Generator().manual_seed(cfg.seed + sum(key.encode()))
         for _ in range(cfg.crops_per_image):
             box = random_box(img.shape[0], img.shape[1], cfg.crop, p_hflip=0, p_vflip=0, generator=gen)
-            crops.append(apply_box(tensor, box))
+            crops.append(crop_array(img, box))
     if not crops:
         raise ValueError(f"no usable held-out images under {cfg.source}")
     return uint8_to_image(torch.stack(crops)), skipped
@@ -115,7 +110,7 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
         run_key,
         start_or_resume_run,
     )
-    from oftsr.train.checkpoint import load_checkpoint
+    from oftsr.train.checkpoint import read_checkpoint
     from pipelines.stages import absolute, run_stage
 
     tracking = cfg.tracking.resolved()
@@ -163,7 +158,7 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
 
     nets = {}
     for name, path in (("teacher", teacher_ckpt), ("student", student_ckpt)):
-        ckpt = load_checkpoint(path)
+        ckpt = read_checkpoint(path, cfg.distill.data.storage_options)
         nets[name] = UNet(ckpt["unet"])
         nets[name].load_state_dict(ckpt["ema"])
     hr, skipped = held_out_crops(cfg.evaluate, cfg.distill.data.storage_options)

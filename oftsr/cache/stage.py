@@ -23,8 +23,9 @@ from oftsr.cache.store import (
     write_manifest,
     write_shard,
 )
-from oftsr.data.decode import DecodeError, decode_image
-from oftsr.data.storage import filesystem, read_bytes
+from oftsr.data.decode import DecodeError
+from oftsr.data.storage import filesystem
+from oftsr.data.transforms import crop_array, fetch_image
 from oftsr.nets import UNet
 from oftsr.raycluster import ensure_ray
 from oftsr.train.checkpoint import latest_checkpoint, load_teacher
@@ -56,13 +57,9 @@ class ShardWriter:
         samples, skipped = [], []
         for key in keys:
             try:
-                fs, path = filesystem(key, d.storage_options)
-                img = decode_image(read_bytes(fs, path, key=key, retries=d.read_retries), key, max_pixels=d.max_pixels)
+                img = fetch_image(key, d.storage_options, retries=d.read_retries, max_pixels=d.max_pixels)
                 if img.shape[0] < d.crop or img.shape[1] < d.crop:
                     raise DecodeError(key, "too-small", f"{img.shape[0]}x{img.shape[1]} < crop {d.crop}")
-            except FileNotFoundError:
-                skipped.append((key, "missing"))
-                continue
             except DecodeError as err:
                 skipped.append((key, err.reason))
                 continue
@@ -71,10 +68,7 @@ class ShardWriter:
                 box = random_box(
                     img.shape[0], img.shape[1], d.crop, p_hflip=d.p_hflip, p_vflip=d.p_vflip, generator=gen
                 )
-                crop = img[box.top : box.top + box.size, box.left : box.left + box.width]
-                crop = crop[:, ::-1] if box.hflip else crop
-                crop = crop[::-1] if box.vflip else crop
-                hr = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)
+                hr = crop_array(img, box)
                 for s in range(cfg.seeds_per_crop):
                     samples.append(
                         {

@@ -18,7 +18,7 @@ import torch
 from oftsr.augment import CropBox, center_box, random_box
 from oftsr.conventions import uint8_to_image
 from oftsr.data.config import DataConfig
-from oftsr.data.decode import DecodeError, decode_image
+from oftsr.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from oftsr.data.storage import StorageError, filesystem, read_bytes
 from oftsr.degrade import degrade
 
@@ -78,17 +78,9 @@ class _Transform:
         self.cfg = cfg
         self.ledger = ledger if ledger is not None else LocalLedger(cfg.max_bad_fraction, cfg.min_seen_for_fraction)
 
-    def _fetch(self, key: str) -> bytes:
-        fs, path = filesystem(key, self.cfg.storage_options)  # fsspec caches the instance
-        return read_bytes(fs, path, key=key, retries=self.cfg.read_retries)
-
     def _decode(self, key: str, data: bytes | None) -> np.ndarray:
-        if data is None:
-            try:
-                data = self._fetch(key)
-            except FileNotFoundError as err:
-                raise DecodeError(key, "missing", str(err)) from err
-        return decode_image(data, key, max_pixels=self.cfg.max_pixels)
+        cfg = self.cfg
+        return fetch_image(key, cfg.storage_options, retries=cfg.read_retries, max_pixels=cfg.max_pixels, data=data)
 
     def _boxes(self, key: str, height: int, width: int) -> list[CropBox]:
         raise NotImplementedError
@@ -112,7 +104,7 @@ class _Transform:
             for box in chosen:
                 keys_out.append(key)
                 boxes.append([box.top, box.left, box.size, box.width, int(box.hflip), int(box.vflip)])
-                crops.append(_crop(img, box))
+                crops.append(crop_array(img, box))
         self.ledger.record(len(keys), skipped)
         return self._finish(keys_out, boxes, crops)
 
@@ -154,7 +146,26 @@ class _Transform:
         return out
 
 
-def _crop(img: np.ndarray, box: CropBox) -> torch.Tensor:
+def fetch_image(
+    key: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    retries: int = 4,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    data: bytes | None = None,
+) -> np.ndarray:
+    """Read the object ``key`` (unless ``data`` is given) and decode it to ``(H, W, 3)`` uint8. A missing object
+    raises :class:`DecodeError` with reason ``missing``; storage failures past the retries raise ``StorageError``."""
+    if data is None:
+        fs, path = filesystem(key, storage_options)  # fsspec caches the instance
+        try:
+            data = read_bytes(fs, path, key=key, retries=retries)
+        except FileNotFoundError as err:
+            raise DecodeError(key, "missing", str(err)) from err
+    return decode_image(data, key, max_pixels=max_pixels)
+
+
+def crop_array(img: np.ndarray, box: CropBox) -> torch.Tensor:
     """``(H, W, 3)`` uint8 to the ``(3, h, w)`` crop of ``box`` (same result as :func:`oftsr.augment.apply_box`),
     copying only the crop."""
     out = img[box.top : box.top + box.size, box.left : box.left + box.width]

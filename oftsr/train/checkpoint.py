@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from oftsr.data.storage import filesystem, protocol_of
+from oftsr.data.storage import filesystem, join_uri, protocol_of
 from oftsr.nets import UNetConfig, save_weights
 
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "unet.json", "stage.json")
@@ -124,12 +124,24 @@ def local_copy(uri: str, storage_options: dict[str, Any] | None = None) -> tuple
     return tmp, True
 
 
-def load_teacher(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
-    """The EMA weights and network config of a teacher checkpoint (local folder or object-storage URI)."""
+def resolve_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The URI of the checkpoint ``uri`` names: itself, or a run folder's newest complete checkpoint."""
+    fs, path = filesystem(uri, storage_options)
+    return join_uri(uri, latest_checkpoint(fs, path))
+
+
+def read_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`load_checkpoint` for a local folder or an object-storage URI (a run folder: its latest checkpoint);
+    a remote checkpoint is downloaded to a temporary folder that is removed afterwards."""
     path, temporary = local_copy(uri, storage_options)
     try:
-        ckpt = load_checkpoint(path)
+        return load_checkpoint(path)
     finally:
         if temporary:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def load_teacher(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
+    """The EMA weights and network config of a teacher checkpoint (local folder or object-storage URI)."""
+    ckpt = read_checkpoint(uri, storage_options)
     return ckpt["unet"], ckpt["ema"]
