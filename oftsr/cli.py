@@ -234,6 +234,18 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tracking(args: argparse.Namespace) -> int:
+    from oftsr.tracking import replay_spool
+
+    total = 0
+    for path in args.files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such spool file")
+        total += replay_spool(args.tracking_uri, path)
+    print(f"sent {total} record{'s' if total != 1 else ''} from {len(args.files)} spool file(s) to {args.tracking_uri}")
+    return 0
+
+
 def _samples(args: argparse.Namespace) -> int:
     from oftsr.samples import export_sample_photos
 
@@ -360,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     jb.add_argument("--address", default=default_address, help="Ray job server (default: %(default)s)")
     jb.set_defaults(func=_jobs)
 
+    tr = sub.add_parser("tracking", help="re-send MLflow records kept in a spool file during a tracking outage")
+    tr.add_argument("action", choices=["replay"])
+    tr.add_argument("files", nargs="+", help="spool files (<run id>.jsonl) named by the warning of the run")
+    tr.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    tr.set_defaults(func=_tracking)
+
     s = sub.add_parser("samples", help="export the sample photos shipped in installed wheels as PNGs")
     s.add_argument("folder", nargs="?", default="outputs/sample_photos")
     s.set_defaults(func=_samples)
@@ -370,9 +388,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError, ConnectionError, TimeoutError) as err:
-        print(f"oftsr {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, ConnectionError, TimeoutError, KeyError, LookupError) as err:
+        print(f"oftsr {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # library errors (MLflow, Ray) that reach the top: still one line, no traceback
+        if type(err).__module__.split(".")[0] not in ("mlflow", "ray", "botocore", "s3fs", "fsspec", "pyarrow"):
+            raise
+        print(f"oftsr {args.command}: error: {type(err).__name__}: {_message(err)}", file=sys.stderr)
+        return 2
+
+
+def _message(err: BaseException) -> str:
+    """The first line of an error, with credentials masked (:mod:`oftsr.redact`)."""
+    from oftsr.redact import redact_text
+
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return redact_text(text.strip().splitlines()[0] if text.strip() else type(err).__name__)
 
 
 if __name__ == "__main__":

@@ -131,18 +131,20 @@ def upscale(
         boxes = [(y, x) for y in _starts(height, tile, overlap) for x in _starts(width, tile, overlap)]
         th, tw = min(tile, height), min(tile, width)
         out = torch.zeros_like(x0, dtype=torch.float32)
-        weight = torch.zeros((1, 1, height, width), device=x0.device)
+        weight = torch.zeros((height, width), device=x0.device)
+        ramps = {}  # one blending weight per tile position, shared by every image
+        for y, x in boxes:
+            ramps[y, x] = _ramp(y, th, height, overlap, x0.device)[:, None] * _ramp(x, tw, width, overlap, x0.device)
+            weight[y : y + th, x : x + tw] += ramps[y, x]
         jobs = [(i, y, x) for i in range(b) for (y, x) in boxes]
         for k in range(0, len(jobs), tile_batch):
             chunk = jobs[k : k + tile_batch]
             x0_t = torch.stack([x0[i, :, y : y + th, x : x + tw] for i, y, x in chunk])
             xl_t = torch.stack([x_lr[i, :, y : y + th, x : x + tw] for i, y, x in chunk])
             pred = _one_step_padded(net, x0_t, xl_t, t).float()
+            pred *= torch.stack([ramps[y, x] for _, y, x in chunk])[:, None]
             for (i, y, x), p in zip(chunk, pred, strict=True):
-                w2 = _ramp(y, th, height, overlap, x0.device)[:, None] * _ramp(x, tw, width, overlap, x0.device)[None]
-                out[i, :, y : y + th, x : x + tw] += p * w2
-                if i == 0:
-                    weight[0, 0, y : y + th, x : x + tw] += w2
+                out[i, :, y : y + th, x : x + tw] += p
         return (out / weight).to(x0.dtype)
 
 

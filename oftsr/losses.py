@@ -56,7 +56,10 @@ def sample_distill_times(
 def _check_t(t: torch.Tensor, t_min: float, t_max: float) -> None:
     if t.ndim != 1:
         raise ValueError(f"t must have shape (B,), got {tuple(t.shape)}")
-    if bool((t < t_min - 1e-6).any()) or bool((t > t_max + 1e-6).any()):
+    inside = ((t >= t_min - 1e-6) & (t <= t_max + 1e-6)).all()
+    if t.is_cuda:  # checked on the device: reading the flag back would stall the step on a host sync
+        torch._assert_async(inside, f"distillation times must lie in [{t_min}, {t_max}]")
+    elif not bool(inside):
         raise ValueError(f"distillation times must lie in [{t_min}, {t_max}]")
 
 

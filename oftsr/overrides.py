@@ -13,12 +13,23 @@ import types
 import typing
 from typing import Any
 
+from oftsr.redact import MASK, is_sensitive, redact_value
+
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
 def _convert(key: str, raw: str, tp: Any) -> Any:
+    if is_sensitive(key) or "storage_options" in key:
+        try:
+            return _convert_value(key, raw, tp)
+        except ValueError:
+            raise ValueError(f"{key}: cannot parse the value given (not shown: it may hold credentials)") from None
+    return _convert_value(key, raw, tp)
+
+
+def _convert_value(key: str, raw: str, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -106,15 +117,18 @@ def parse_sets(pairs: list[str]) -> dict[str, str]:
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dataclass to ``{"group.field": value}`` (tuples and dicts as JSON strings)."""
+    """Nested dataclass to ``{"group.field": value}`` (tuples and dicts as JSON strings), for MLflow params and
+    ``--dry-run``: credentials in it are masked (:mod:`oftsr.redact`)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             out.update(flatten(value, key + "."))
+        elif is_sensitive(key) and value not in (None, ""):
+            out[key] = MASK
         elif isinstance(value, tuple | list | dict):
-            out[key] = json.dumps(value, default=str)
+            out[key] = json.dumps(redact_value(value), default=str)
         else:
-            out[key] = value
+            out[key] = redact_value(value)
     return out

@@ -151,14 +151,22 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
         finish_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
         raise
     summary = ledger.summary() if ledger is not None else {"seen": 0, "skipped": 0, "reasons": {}, "items": []}
+    out = dict(result.return_value or {})
     if ledger is not None:
         log(format_summary(summary))
-        MetricLogger(cfg.tracking.tracking_uri, run_id).log_dict(summary, "data/skipped.json")
-    finish_run(cfg.tracking.tracking_uri, run_id)
+    try:  # the training is done and checkpointed: a tracking outage now costs a status, never the result
+        if ledger is not None:
+            MetricLogger(cfg.tracking.tracking_uri, run_id).log_dict(summary, "data/skipped.json")
+        finish_run(cfg.tracking.tracking_uri, run_id)
+    except Exception as err:
+        log(f"{cfg.stage}: warning: MLflow run {run_id} not closed ({type(err).__name__}); the checkpoint is safe")
+    if out.get("corrupt_checkpoints"):
+        log(f"{cfg.stage}: warning: resumed from {out['resumed_from']}, passing over: {out['corrupt_checkpoints']}")
+    if out.get("mlflow_spool"):
+        log(f"{cfg.stage}: warning: metrics not yet in MLflow are kept in {out['mlflow_spool']} (on the rank-0 node)")
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if checkpoint and storage_fs is not None:
         checkpoint = f"{protocol_of(cfg.storage_path)}://{checkpoint}"
-    out = dict(result.return_value or {})
     log(f"{cfg.stage}: done at {out.get('images_seen')} images; checkpoint {checkpoint}")
     return {
         "run_id": run_id,

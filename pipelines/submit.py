@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from oftsr.redact import is_sensitive
+
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3, "PENDING": 4, "RUNNING": 4}
 STAGES = ("teacher", "distill", "trajectories")
 EXCLUDES = [
@@ -44,6 +46,13 @@ def entrypoint(target: str, recipe: str | None, sets: list[str]) -> str:
             raise ValueError(f"unexpected argument {recipe!r}: submit either RECIPE or STAGE RECIPE")
         args += ["run", target]
     for s in sets:
+        key = s.partition("=")[0].strip()
+        if is_sensitive(key) or ("storage_options" in key and any(w in s.lower() for w in ("secret", "key", "token"))):
+            raise ValueError(
+                f"--set {key}=...: credentials are not sent in a job's entrypoint (the Ray dashboard shows it to "
+                "everyone); give the cluster's nodes their credentials through their environment (instance role, "
+                "Kubernetes secret)"
+            )
         args += ["--set", s]
     return " ".join(shlex.quote(a) for a in args)
 

@@ -33,3 +33,91 @@ class RecordingNet(nn.Module):
         self.calls.append((x.clone(), t.clone()))
         b, _, h, w = x.shape
         return torch.arange(6, dtype=x.dtype).view(1, 6, 1, 1).expand(b, 6, h, w).clone()
+
+
+def start_mlflow_server(root, port: int, env: dict | None = None):
+    """``mlflow server`` on 127.0.0.1:``port`` with a SQLite store in ``root`` (its own process group, log in
+    ``root/mlflow.log``); returns the process. Stop it with :func:`stop_process_group`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(root)
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'm.db'}",
+            "--default-artifact-root",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=open(root / "mlflow.log", "a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_reachable(uri: str, proc, timeout_s: float = 120) -> None:
+    import time
+
+    from oftsr.tracking import check_reachable
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            check_reachable(uri)
+            return
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.5)
+
+
+def stop_process_group(proc, sig=None) -> None:
+    import os
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, sig or signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def stage_config(stage: str, root, **sets):
+    """The quickstart ``stage`` config on the sample photos under ``root`` (folder ``photos``), with Ray results
+    under ``root/ray``, MLflow in ``root/mlflow.db``, and ``sets`` as ``--set`` overrides."""
+    from oftsr.overrides import apply_overrides
+    from pipelines.recipes import recipe
+
+    base = {
+        "data.source": str(root / "photos"),
+        "data.crops_per_image": "4",
+        "storage_path": str(root / "ray"),
+        "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+        "log_every_images": "64",
+        "sample_grid": "2",
+    }
+    if stage == "distill":
+        base["teacher"] = str(root / "ray" / "quickstart-teacher")
+    base.update({k: str(v) for k, v in sets.items()})
+    return apply_overrides(recipe("quickstart", stage), base)
+
+
+def photo_workdir(tmp_path_factory, name: str):
+    """A fresh folder holding the sample photos in ``photos/`` (for a module's stage runs)."""
+    from oftsr.samples import export_sample_photos
+
+    root = tmp_path_factory.mktemp(name)
+    export_sample_photos(root / "photos")
+    return root

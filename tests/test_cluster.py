@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port
+from tests.helpers import start_mlflow_server
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -128,26 +129,7 @@ def services(tmp_path_factory):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    server = subprocess.Popen(
-        [
-            str(VENV_BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'm.db'}",
-            "--default-artifact-root",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mlflow_port),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=open(root / "mlflow.log", "w"),  # noqa: SIM115 - closed with the process
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    server = start_mlflow_server(root, mlflow_port, env)
     address, tracking = f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{mlflow_port}"
     deadline = time.time() + 300
     from oftsr.tracking import check_reachable

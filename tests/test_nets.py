@@ -62,6 +62,27 @@ def test_sdpa_attention_equals_the_legacy_einsum():
         assert torch.allclose(sdpa(x, t), legacy(x, t), atol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [{}, {"use_scale_shift_norm": False}, {"resblock_updown": False}])
+def test_fused_norm_and_silu_equal_the_module_chain(kw):
+    import copy
+
+    from oftsr.nets.unet import GroupNormSiLU, fuse_norm_act
+
+    plain = perturbed_tiny(4, **kw).eval()
+    fused = fuse_norm_act(copy.deepcopy(plain))
+    assert any(isinstance(m, GroupNormSiLU) for m in fused.modules())
+    assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints load either way
+    x, t = torch.randn(2, 6, 32, 32), torch.rand(2) * 999
+    with torch.no_grad():
+        reference = plain(x, t)
+        assert torch.allclose(fused(x, t), reference, atol=1e-5)
+        # bf16 autocast: one rounding instead of three, so at least as close to fp32 as the module chain
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            err_plain = (plain(x, t).float() - reference).abs().mean()
+            err_fused = (fused(x, t).float() - reference).abs().mean()
+    assert err_fused <= 1.1 * err_plain, (err_fused, err_plain)
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_weights_round_trip_from_local_files(tmp_path, suffix):
     net = perturbed_tiny(1)

@@ -18,6 +18,7 @@ from oftsr.cache.store import (
     decode_row,
     existing_shards,
     read_manifest,
+    remove_partial_files,
     shard_rows,
     tensor_bytes,
     write_manifest,
@@ -248,6 +249,9 @@ def run_trajectories(cfg: TrajectoryConfig, *, max_shards: int = 0, log=print) -
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_manifest(prefix, manifest, cfg.data.storage_options)  # last: the cache is now complete
+    removed = remove_partial_files(prefix, cfg.data.storage_options)
+    if removed:
+        log(f"trajectories: removed {removed} partial file(s) left by an interrupted writer")
     logger.log(
         {
             "trajectories/rows": manifest["rows"],

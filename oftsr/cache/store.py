@@ -95,6 +95,18 @@ def existing_shards(prefix: str, storage_options=None) -> dict[int, str]:
     return out
 
 
+def remove_partial_files(prefix: str, storage_options=None) -> int:
+    """Delete the temporary files of writers that were killed mid-shard (never read: their names start with a dot
+    and end in ``.tmp``). Called once the cache is complete, when no writer of this cache can still be running."""
+    fs, path = filesystem(prefix, storage_options)
+    if protocol_of(prefix) != "file" or not fs.exists(path):
+        return 0
+    stale = [e for e in fs.ls(path, detail=False) if e.endswith(".tmp")]
+    for entry in stale:
+        fs.rm_file(entry)
+    return len(stale)
+
+
 def write_manifest(prefix: str, manifest: dict[str, Any], storage_options=None) -> str:
     uri = f"{prefix.rstrip('/')}/{MANIFEST}"
     fs, path = filesystem(uri, storage_options)

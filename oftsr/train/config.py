@@ -58,12 +58,19 @@ class DistillLossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FaultInjection:
-    """Failure drills: the worker of ``rank`` raises once when it reaches ``fail_at_images`` images (the
-    ``marker`` file records that it fired, so the retry runs through). Disabled when ``fail_at_images < 0``."""
+    """Failure drills: the worker of ``rank`` fails once when it reaches ``fail_at_images`` images (the
+    ``marker`` file records that it fired, so the retry runs through). ``kind``: ``raise`` (an exception) or
+    ``sigkill`` (the worker process is killed mid-step, as by the OOM killer or a lost node). Disabled when
+    ``fail_at_images < 0``."""
 
     fail_at_images: int = -1
     rank: int = 0
     marker: str = ""
+    kind: Literal["raise", "sigkill"] = "raise"
+
+    def __post_init__(self):
+        if self.kind not in ("raise", "sigkill"):
+            raise ValueError(f"fault.kind must be 'raise' or 'sigkill', got {self.kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +101,11 @@ class StageConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # GPU speed (DESIGN section 10): None means "on CUDA only". fast_modules: SDPA attention and fused
+    # GroupNorm + scale-shift + SiLU (same weights, same checkpoints); compile: torch.compile of the DDP model.
+    fast_modules: bool | None = None
+    compile: bool | None = None
+    ddp_bucket_mb: int = 100  # DDP gradient bucket size; larger buckets mean fewer all-reduce calls
     max_failures: int = 2
     keep_checkpoints: int = 3
     seed: int = 0
@@ -122,6 +134,8 @@ class StageConfig:
             raise ValueError(f"total_images ({self.total_images}) must be a multiple of workers ({self.workers})")
         if self.ema_half_life_images <= 0:
             raise ValueError(f"ema_half_life_images must be > 0, got {self.ema_half_life_images}")
+        if self.ddp_bucket_mb < 1:
+            raise ValueError(f"ddp_bucket_mb must be >= 1, got {self.ddp_bucket_mb}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.precision not in ("auto", "fp32", "bf16"):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,12 @@ import torch.distributed as dist
 from oftsr.conventions import image_to_uint8
 from oftsr.data.loader import iter_crops
 from oftsr.ema import EMA
+from oftsr.engine import use_fast_modules
 from oftsr.flow import conditioned, noisy_start
 from oftsr.infer import evaluating, one_step, sample
 from oftsr.nets import UNet, load_weights, preset_config
 from oftsr.tracking import MetricLogger
-from oftsr.train.checkpoint import load_checkpoint, load_teacher, save_checkpoint
+from oftsr.train.checkpoint import CheckpointCorrupt, load_checkpoint, load_teacher, save_checkpoint
 from oftsr.train.config import StageConfig
 from oftsr.training import distill_cached_step, distill_step, lr_at, make_optimizer, teacher_step
 
@@ -50,6 +53,8 @@ def _maybe_fault(cfg: StageConfig, rank: int, images_seen: int) -> None:
         return
     if f.marker:
         Path(f.marker).write_text(str(images_seen))
+    if f.kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
     raise InjectedFault(f"failure drill: rank {rank} raised at {images_seen} images")
 
 
@@ -100,16 +105,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     ema = EMA(net, cfg.ema_half_life_images)
     images_seen = 0
     state: dict[str, Any] | None = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            ckpt = load_checkpoint(folder)
+    ckpt, resumed_from, passed_over = resume_checkpoint(ray.train.get_checkpoint())
+    if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         ema.module.load_state_dict(ckpt["ema"])
         state = ckpt["state"]
         images_seen, ema.num_updates = int(state["images_seen"]), int(state["ema_updates"])
     ema.module.to(device)
-    model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"broadcast_buffers": False})
+    cuda = device.type == "cuda"
+    if cfg.fast_modules if cfg.fast_modules is not None else cuda:
+        use_fast_modules(net)  # same parameters and state-dict keys: checkpoints are unchanged
+        if teacher is not None:
+            use_fast_modules(teacher)
+    ddp = {"broadcast_buffers": False, "gradient_as_bucket_view": True, "bucket_cap_mb": cfg.ddp_bucket_mb}
+    model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs=ddp)
+    if cfg.compile if cfg.compile is not None else cuda:
+        model = torch.compile(model)  # default mode; DDP's optimizer splits the graph at bucket boundaries
     optimizer = make_optimizer(net.parameters(), cfg.optim)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + images_seen)
     if state is not None:
@@ -117,7 +128,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0 and "rng" in state and device.type == "cpu":
             gen.set_state(state["rng"])
 
-    logger = MetricLogger(cfg.tracking.tracking_uri, run_id) if rank == 0 and run_id else None
+    logger = MetricLogger(cfg.tracking.tracking_uri, run_id, background=True) if rank == 0 and run_id else None
+    if logger and passed_over:
+        logger.set_tags({"oftsr.resumed_from": resumed_from, "oftsr.corrupt_checkpoints": " | ".join(passed_over)})
     shard = ray.train.get_dataset_shard("train")
     next_log = (images_seen // cfg.log_every_images + 1) * cfg.log_every_images
     next_ckpt = (images_seen // cfg.checkpoint_every_images + 1) * cfg.checkpoint_every_images
@@ -186,7 +199,48 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 break
         if batches == 0:
             raise RuntimeError("the training dataset yielded no batch: fewer usable crops than batch_per_worker?")
-    return {"images_seen": images_seen, **last}
+    if logger:
+        logger.close()
+    out = {"images_seen": images_seen, **last}
+    if resumed_from:
+        out.update(resumed_from=resumed_from, corrupt_checkpoints=passed_over)
+    if logger and logger.spool_file:
+        out["mlflow_spool"] = logger.spool_file
+    return out
+
+
+def resume_checkpoint(latest: ray.train.Checkpoint | None) -> tuple[dict[str, Any] | None, str, list[str]]:
+    """The newest checkpoint of the run that verifies, starting from ``latest`` (what Ray Train restored).
+
+    A corrupt checkpoint (checksum mismatch, missing file) is passed over with a warning and the previous one
+    is tried, so one bad write costs one checkpoint interval, not the run. Returns ``(checkpoint or None,
+    its folder name, [reasons for each passed-over checkpoint])``; raises :class:`CheckpointCorrupt` when none
+    verifies (the run is never silently restarted from zero).
+    """
+    if latest is None:
+        return None, "", []
+    import pyarrow.fs
+
+    fs, path = latest.filesystem, latest.path.rstrip("/")
+    parent, name = path.rsplit("/", 1)
+    older = [
+        info.path
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(parent))
+        if info.type == pyarrow.fs.FileType.Directory
+        and info.base_name.startswith("checkpoint_")
+        and info.base_name < name
+    ]
+    passed_over: list[str] = []
+    for candidate in [path, *sorted(older, reverse=True)]:
+        try:
+            with ray.train.Checkpoint(candidate, filesystem=fs).as_directory() as folder:
+                ckpt = load_checkpoint(folder)
+        except (CheckpointCorrupt, OSError) as err:
+            passed_over.append(f"{candidate}: {err}")
+            warnings.warn(f"checkpoint {candidate} is unusable ({err}); trying the previous one", stacklevel=1)
+            continue
+        return ckpt, candidate.rsplit("/", 1)[-1], passed_over
+    raise CheckpointCorrupt(f"no usable checkpoint under {parent}: " + "; ".join(passed_over))
 
 
 def _report(cfg, rank, net, ema, optimizer, gen, images_seen, metrics, logger, hr, x_lr) -> None:

@@ -196,7 +196,7 @@ def test_cached_distillation_lowers_its_loss_and_moves_toward_the_teacher_endpoi
             "tracking.tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}",
             "total_images": "1024",
             "log_every_images": "64",
-            "optim.lr": "2e-3",
+            "optim.lr": "1e-3",  # 2e-3 overshoots: the endpoint distance then falls by only 5-15 % and varies
             "optim.warmup_images": "32",
             "sample_grid": "0",
         },
@@ -221,4 +221,4 @@ def test_cached_distillation_lowers_its_loss_and_moves_toward_the_teacher_endpoi
 
     before = distance(load_checkpoint(workdir / "teacher1" / "checkpoint_000000000001")["ema"])
     after = distance(load_checkpoint(result["checkpoint"])["model"])
-    assert after < 0.95 * before, (before, after)
+    assert after < 0.8 * before, (before, after)  # about 0.5 measured in-process at this learning rate

@@ -13,35 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from oftsr.overrides import apply_overrides
-from oftsr.samples import export_sample_photos
 from oftsr.tracking import client
 from oftsr.train.checkpoint import load_checkpoint, load_teacher
-from pipelines.recipes import recipe
+from tests.helpers import photo_workdir
+from tests.helpers import stage_config as small
 
 pytestmark = pytest.mark.timeout(420)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    export_sample_photos(root / "photos")
-    return root
-
-
-def small(stage: str, root: Path, **sets) -> object:
-    base = {
-        "data.source": str(root / "photos"),
-        "data.crops_per_image": "4",
-        "storage_path": str(root / "ray"),
-        "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-        "log_every_images": "64",
-        "sample_grid": "2",
-    }
-    if stage == "distill":
-        base["teacher"] = str(root / "ray" / "quickstart-teacher")
-    base.update({k: str(v) for k, v in sets.items()})
-    return apply_overrides(recipe("quickstart", stage), base)
+    return photo_workdir(tmp_path_factory, "train")
 
 
 def history(root: Path, run_id: str, key: str) -> list[float]:
@@ -132,10 +114,12 @@ def test_a_worker_failure_resumes_from_the_last_checkpoint_and_counts_images_onc
     assert len(runs) == 1
 
 
-def test_interrupting_the_driver_and_running_again_resumes(workdir, ray_cluster):
+def test_killing_the_driver_and_running_again_resumes(workdir, ray_cluster):
+    """SIGKILL: the driver gets no chance to clean up (the harder case of a Ctrl-C, which it survives the same)."""
     import ray
 
-    storage = workdir / "ray" / "interrupted"
+    name = "driver-killed"
+    storage = workdir / "ray" / name
     args = [
         sys.executable,
         "-m",
@@ -147,7 +131,7 @@ def test_interrupting_the_driver_and_running_again_resumes(workdir, ray_cluster)
         "--set",
         f"storage_path={workdir / 'ray'}",
         "--set",
-        "run_name=interrupted",
+        f"run_name={name}",
         "--set",
         f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
         "--set",
@@ -162,7 +146,7 @@ def test_interrupting_the_driver_and_running_again_resumes(workdir, ray_cluster)
     deadline = time.time() + 240
     while time.time() < deadline and not list(storage.glob("checkpoint_*/checksums.json")):
         time.sleep(1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGKILL)  # the driver's machine going away
     proc.wait(timeout=60)
     first = sorted(p.parent.name for p in storage.glob("checkpoint_*/checksums.json"))
     assert first and first[-1] < "checkpoint_000000000640", first
