@@ -154,6 +154,41 @@ def _promote(client, name: str, version: str, score: float | None, lower_is_bett
     return True
 
 
+def pin_model_uri(uri: str, *, tracking_uri: str | None = None) -> tuple[str, str]:
+    """``(pinned URI, version)`` for an MLflow model URI: ``models:/NAME@ALIAS`` becomes ``models:/NAME/N`` (an
+    alias moves, a version does not), and the version is the SHA-256 of the model's weights, so the same weights
+    give the same content key whatever they are registered as. Errors name the URI."""
+    import hashlib
+
+    from oftsr.tracking import client
+
+    pinned = uri
+    try:
+        if uri.startswith("models:/"):
+            name, at, ref = uri[len("models:/") :].partition("@")
+            c = client(tracking_uri or mlflow.get_tracking_uri())
+            if at:
+                mv = c.get_model_version_by_alias(name, ref)
+            else:
+                name, _, number = name.rpartition("/")
+                mv = c.get_model_version(name, number)
+            pinned = f"models:/{mv.name}/{mv.version}"
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(tracking_uri)
+        dst = Path(tempfile.mkdtemp(prefix="oftsr-pin-"))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(dst)))
+            weights = next(local.rglob("weights.safetensors"))
+            digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+        finally:
+            shutil.rmtree(dst, ignore_errors=True)
+    except (mlflow.exceptions.MlflowException, OSError, StopIteration) as err:
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise FileNotFoundError(f"model {uri} not found: {reason}") from err
+    return pinned, digest
+
+
 def load_model(uri: str, *, tracking_uri: str | None = None) -> tuple[UNet, dict[str, Any]]:
     """Our network and its metadata from ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` / ``runs:/...``, a
     downloaded model folder, or a training checkpoint folder (or run folder). Errors name the URI."""

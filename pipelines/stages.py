@@ -21,7 +21,9 @@ from oftsr.train.config import StageConfig
 
 def absolute(p: str | None) -> str | None:
     """A local path made absolute (Ray workers do not share the driver's working directory); URIs unchanged."""
-    return os.path.abspath(p) if p and protocol_of(p) == "file" else p
+    if not p or p.startswith(("models:/", "runs:/")) or protocol_of(p) != "file":  # URIs unchanged
+        return p
+    return os.path.abspath(p)
 
 
 def resolve_paths(cfg: StageConfig) -> StageConfig:

@@ -21,7 +21,7 @@ class TrajectoryConfig:
 
     run_name: str
     data: DataConfig
-    teacher: str  # teacher checkpoint folder / run folder / URI
+    teacher: str  # teacher checkpoint folder / run folder / URI, or a registered model (models:/NAME@ALIAS)
     out: str = "outputs/cache"  # caches live under OUT/trajectories/<hash>/
     storage_shared: bool = False  # a local OUT that every node mounts
     sigma_p: float = 0.2

@@ -32,8 +32,18 @@ from oftsr.raycluster import ensure_ray
 from oftsr.train.checkpoint import latest_checkpoint, load_teacher
 
 
-def teacher_version(uri: str, storage_options=None) -> tuple[str, str]:
-    """``(resolved checkpoint URI, version)``: the newest complete checkpoint and its EMA weights' SHA-256."""
+def is_model_uri(uri: str) -> bool:
+    return uri.startswith(("models:/", "runs:/"))
+
+
+def teacher_version(uri: str, storage_options=None, tracking_uri: str | None = None) -> tuple[str, str]:
+    """``(resolved URI, version)``: for a checkpoint (or run folder), the newest complete checkpoint and its EMA
+    weights' SHA-256; for an MLflow model URI (``models:/NAME@ALIAS``, ``models:/NAME/N``, ``runs:/...``), the
+    pinned version and its weights' SHA-256."""
+    if is_model_uri(uri):
+        from oftsr.registry import pin_model_uri
+
+        return pin_model_uri(uri, tracking_uri=tracking_uri)
     fs, path = filesystem(uri, storage_options)
     resolved = latest_checkpoint(fs, path)
     with fs.open(f"{resolved}/checksums.json", "rb") as f:
@@ -47,11 +57,16 @@ class ShardWriter:
 
     def __init__(self, cfg: TrajectoryConfig, teacher_uri: str, prefix: str):
         self.cfg, self.prefix = cfg, prefix
-        unet, weights = load_teacher(teacher_uri, cfg.data.storage_options)
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-        self.net = UNet(unet).eval().requires_grad_(False)
-        self.net.load_state_dict(weights)
-        self.net.to(self.device)
+        if is_model_uri(teacher_uri):  # a registered teacher: weights and network config from the registry
+            from oftsr.registry import load_model
+
+            self.net = load_model(teacher_uri, tracking_uri=cfg.tracking.tracking_uri)[0]
+        else:
+            unet, weights = load_teacher(teacher_uri, cfg.data.storage_options)
+            self.net = UNet(unet)
+            self.net.load_state_dict(weights)
+        self.net.eval().requires_grad_(False).to(self.device)
 
     def _crops(self, keys: list[str]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         cfg, d = self.cfg, self.cfg.data
@@ -173,7 +188,7 @@ def run_trajectories(cfg: TrajectoryConfig, *, max_shards: int = 0, log=print) -
 
     preflight(cfg.out, cfg.tracking.tracking_uri, storage_shared=cfg.storage_shared, what="out")
     rows = source_rows(cfg.data)
-    teacher_uri, version = teacher_version(cfg.teacher, cfg.data.storage_options)
+    teacher_uri, version = teacher_version(cfg.teacher, cfg.data.storage_options, cfg.tracking.tracking_uri)
     prefix, key, shards = plan(cfg, rows, version)
     try:
         manifest = read_manifest(prefix, cfg.data.storage_options)

@@ -222,3 +222,32 @@ def test_cached_distillation_lowers_its_loss_and_moves_toward_the_teacher_endpoi
     before = distance(load_checkpoint(workdir / "teacher1" / "checkpoint_000000000001")["ema"])
     after = distance(load_checkpoint(result["checkpoint"])["model"])
     assert after < 0.8 * before, (before, after)  # about 0.5 measured in-process at this learning rate
+
+
+def test_a_registered_teacher_is_read_from_the_registry_with_the_same_content_key(cache, workdir):
+    from oftsr.cache.stage import run_trajectories
+    from oftsr.registry import log_and_register
+    from oftsr.tracking import client
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    ckpt = load_checkpoint(workdir / "teacher1" / "checkpoint_000000000001")
+    net = build_unet("tiny")
+    net.load_state_dict(ckpt["ema"])
+    c = client(uri)
+    run_id = c.create_run(c.create_experiment("registry")).info.run_id
+    meta = {"kind": "teacher", "sigma_p": 0.2, "sf": 4, "degradation": "bicubic"}
+    log_and_register(tracking_uri=uri, run_id=run_id, name="oftsr-teacher", net=net, meta=meta)
+
+    cfg = cfg_for(workdir, teacher="models:/oftsr-teacher@candidate", out=str(workdir / "out-registered"))
+    result = run_trajectories(cfg)
+    assert result["complete"]
+    # Same weights, same content key: the cache is addressed by what the teacher is, not where it is registered.
+    assert result["uri"].rsplit("/", 1)[-1] == cache["uri"].rsplit("/", 1)[-1]
+    tags = c.get_run(result["run_id"]).data.tags
+    assert tags["oftsr.teacher_version"] == read_manifest(cache["uri"])["key"]["teacher_version"]
+    ours = {(r["key"], r["crop_index"]): r for r in read_rows(result["uri"])}
+    for r in read_rows(cache["uri"]):
+        assert torch.equal(ours[r["key"], r["crop_index"]]["u_bar"], r["u_bar"])  # computed by the same network
+
+    with pytest.raises(FileNotFoundError, match="models:/oftsr-teacher@nope"):
+        run_trajectories(dataclasses.replace(cfg, teacher="models:/oftsr-teacher@nope"))
