@@ -322,7 +322,13 @@ class CachedTargets:
 
 
 def cached_dataset(
-    uri: str, storage_options=None, *, batch_size: int = 16, num_cpus: float = 0.5, min_epoch_rows: int = 2048
+    uri: str,
+    storage_options=None,
+    *,
+    batch_size: int = 16,
+    num_cpus: float = 0.5,
+    min_epoch_rows: int = 2048,
+    max_cached_bytes: int = 1 << 30,
 ):
     """The cache as a Ray dataset of training tensors; refuses an incomplete cache.
 
@@ -335,11 +341,17 @@ def cached_dataset(
 
     manifest = read_manifest(uri, storage_options)
     repeats = max(1, math.ceil(min_epoch_rows / max(1, manifest["rows"])))
-    files = [s["uri"] for s in manifest["shards"]] * repeats
+    files = [s["uri"] for s in manifest["shards"]]
     fs, _ = filesystem(files[0], storage_options)
     paths = [filesystem(f, storage_options)[1] for f in files]
     arrow_fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-    ds = ray.data.read_parquet(paths, filesystem=arrow_fs)
+    if repeats > 1 and manifest["bytes"] <= max_cached_bytes:
+        # Small: read once into the object store and list those blocks `repeats` times (no re-reads, no
+        # hundreds of tiny read tasks); each listing still gets its own grid points in `_apply`.
+        once = ray.data.read_parquet(paths, filesystem=arrow_fs).materialize()
+        ds = once.union(*([once] * (repeats - 1)))
+    else:
+        ds = ray.data.read_parquet(paths * repeats, filesystem=arrow_fs)
     return ds.map_batches(
         _apply,
         fn_kwargs={"targets": CachedTargets(manifest)},

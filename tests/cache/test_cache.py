@@ -234,7 +234,7 @@ def test_a_registered_teacher_is_read_from_the_registry_with_the_same_content_ke
     net = build_unet("tiny")
     net.load_state_dict(ckpt["ema"])
     c = client(uri)
-    run_id = c.create_run(c.create_experiment("registry")).info.run_id
+    run_id = c.create_run(c.create_experiment("registry", str(workdir / "artifacts"))).info.run_id
     meta = {"kind": "teacher", "sigma_p": 0.2, "sf": 4, "degradation": "bicubic"}
     log_and_register(tracking_uri=uri, run_id=run_id, name="oftsr-teacher", net=net, meta=meta)
 
