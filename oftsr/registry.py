@@ -9,9 +9,11 @@ New versions get the alias ``candidate``; ``champion`` moves to a version when i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,24 @@ def _promote(client, name: str, version: str, score: float | None, lower_is_bett
     return True
 
 
+@contextlib.contextmanager
+def _downloaded(uri: str, tracking_uri: str | None) -> Iterator[Path]:
+    """The model at an MLflow URI, downloaded into a temporary folder that is removed afterwards."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    dst = Path(tempfile.mkdtemp(prefix="oftsr-dl-"))
+    try:
+        yield Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    finally:
+        shutil.rmtree(dst, ignore_errors=True)
+
+
+def _not_found(uri: str, err: BaseException) -> FileNotFoundError:
+    reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    return FileNotFoundError(f"model {uri} not found: {reason}")
+
+
 def pin_model_uri(uri: str, *, tracking_uri: str | None = None) -> tuple[str, str]:
     """``(pinned URI, version)`` for an MLflow model URI: ``models:/NAME@ALIAS`` becomes ``models:/NAME/N`` (an
     alias moves, a version does not), and the version is the SHA-256 of the model's weights, so the same weights
@@ -173,19 +193,11 @@ def pin_model_uri(uri: str, *, tracking_uri: str | None = None) -> tuple[str, st
                 name, _, number = name.rpartition("/")
                 mv = c.get_model_version(name, number)
             pinned = f"models:/{mv.name}/{mv.version}"
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_registry_uri(tracking_uri)
-        dst = Path(tempfile.mkdtemp(prefix="oftsr-pin-"))
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(dst)))
+        with _downloaded(pinned, tracking_uri) as local:
             weights = next(local.rglob("weights.safetensors"))
             digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-        finally:
-            shutil.rmtree(dst, ignore_errors=True)
     except (mlflow.exceptions.MlflowException, OSError, StopIteration) as err:
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise FileNotFoundError(f"model {uri} not found: {reason}") from err
+        raise _not_found(uri, err) from err
     return pinned, digest
 
 
@@ -193,17 +205,11 @@ def load_model(uri: str, *, tracking_uri: str | None = None) -> tuple[UNet, dict
     """Our network and its metadata from ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` / ``runs:/...``, a
     downloaded model folder, or a training checkpoint folder (or run folder). Errors name the URI."""
     if uri.startswith(("models:/", "runs:/")):
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_registry_uri(tracking_uri)
-        dst = Path(tempfile.mkdtemp(prefix="oftsr-dl-"))
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-            return load_model(str(local))
+            with _downloaded(uri, tracking_uri) as local:
+                return load_model(str(local))
         except (mlflow.exceptions.MlflowException, OSError) as err:
-            raise FileNotFoundError(f"model {uri} not found: {str(err).splitlines()[0][:200]}") from err
-        finally:
-            shutil.rmtree(dst, ignore_errors=True)
+            raise _not_found(uri, err) from err
     path = Path(uri)
     if (path / "artifacts" / "model.json").is_file():
         return _build(path / "artifacts" / "weights.safetensors", path / "artifacts" / "model.json")
