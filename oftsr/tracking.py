@@ -212,7 +212,7 @@ class MetricLogger:
                     if record is not None:
                         self._append(record)
                 self._requeue_inflight()
-            self._thread = None
+            self._thread = self._queue = None  # a record logged after close() is sent synchronously, not lost
         else:
             self._flush_spool(force=True)
         left = self.spool_file
