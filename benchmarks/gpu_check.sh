@@ -10,5 +10,5 @@ out="${1:-benchmarks/results}"
 mkdir -p "$out"
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor}"  # reused by later runs
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-timeout 340 python benchmarks/gpu_infer.py --device cuda --preset ffhq --size 256 --batch 32 --train-batch 8 \
+timeout 340 python benchmarks/gpu_infer.py --device cuda --preset ffhq --size 256 --batch 64 --train-batch 8 \
   --seconds 6 --out "$out/gpu_check.json"

@@ -5,7 +5,9 @@ optimised paths, plus the numerics of the inference engine. Plain PyTorch: no Ra
     python benchmarks/gpu_infer.py --device cpu --preset tiny --size 64 --batch 4 --quick   # smoke run
 
 Writes JSON (``--out``) with ``inference.images_per_s``, ``inference.eager_images_per_s``,
-``inference.speedup_over_eager``, ``numerics.max_abs_diff``, ``numerics.psnr_db``, ``train.*`` and the machine.
+``inference.speedup_over_eager``, ``numerics.max_abs_diff``, ``numerics.psnr_db``, ``train.*`` (images/s, peak
+memory, host synchronisations counted in one optimised step), ``targets`` (issue #8's, each with ``ok``) and the
+machine.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +54,33 @@ def rate(fn, batch: int, seconds: float, device: str, min_iters: int = 3) -> flo
     return n * batch / (time.perf_counter() - start)
 
 
+def peak_gib(device: str) -> float | None:
+    """Peak memory allocated by PyTorch on ``device`` since the last reset, in GiB (None on CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def host_syncs(fn, device: str) -> int | None:
+    """How many synchronising CUDA calls one ``fn()`` makes (torch's sync debug mode; None on CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def inference(args) -> dict:
     net = network(args.preset, args.size, args.device)
     x = torch.randn(args.batch, 6, args.size, args.size, device=args.device)
@@ -58,8 +88,11 @@ def inference(args) -> dict:
     out: dict = {"batch": args.batch, "size": args.size, "preset": args.preset}
     with torch.inference_mode():
         eager = lambda: net(x, t)  # noqa: E731
+        reset_peak(args.device)
         eager()
         out["eager_images_per_s"] = rate(eager, args.batch, args.seconds, args.device)
+        out["eager_peak_gib"] = peak_gib(args.device)
+        reset_peak(args.device)
         compile_start = time.perf_counter()
         fast = fast_student(net, args.device, EngineConfig(compile=args.compile, static_batch=args.batch))
         fast(x, t)
@@ -67,6 +100,7 @@ def inference(args) -> dict:
         out["warmup_s"] = round(time.perf_counter() - compile_start, 1)
         out["images_per_s"] = rate(lambda: fast(x, t), args.batch, args.seconds, args.device)
         out["speedup_over_eager"] = out["images_per_s"] / out["eager_images_per_s"]
+        out["peak_gib"] = peak_gib(args.device)
         out["engine"] = {"dtype": str(fast.dtype), "compiled": fast.compiled, "cuda_graphs": fast.cuda_graphs}
         # Numerics: the one-step output x0 + t v at t = 0.5, engine against fp32 eager (fresh inputs).
         x0 = torch.randn(args.batch, 3, args.size, args.size, device=args.device) * 0.2
@@ -108,11 +142,15 @@ def training(args) -> dict:
                     return teacher_step(model, opt, hr, x_lr, sigma_p=0.2, lr=1e-4, precision=precision)
                 return distill_step(model, teach, opt, x_lr, sigma_p=0.2, lr=1e-4, precision=precision)
 
+            reset_peak(args.device)
             start = time.perf_counter()
             for _ in range(2):
                 step()
             row[f"{mode}_warmup_s"] = round(time.perf_counter() - start, 1)
             row[f"{mode}_images_per_s"] = rate(step, args.train_batch, args.seconds, args.device)
+            row[f"{mode}_peak_gib"] = peak_gib(args.device)
+            if mode == "optimised":
+                row["optimised_host_syncs_per_step"] = host_syncs(step, args.device)
             del net, teacher, model, teach, opt
             if cuda:
                 torch.cuda.empty_cache()
@@ -121,12 +159,28 @@ def training(args) -> dict:
     return {"train": results}
 
 
+def targets(result: dict) -> dict:
+    """Issue #8's targets against this run's figures (meaningful on one H100 or H200 only)."""
+    inf, train = result["inference"], result.get("train", {})
+    checks = {
+        "inference_images_per_s": (inf["images_per_s"], 1000.0),
+        "inference_speedup_over_eager": (inf["speedup_over_eager"], 3.7),
+        "numerics_psnr_db": (result["numerics"]["psnr_db"], 45.0),
+    }
+    for kind in ("teacher", "distill"):
+        if kind in train:
+            checks[f"{kind}_step_speedup"] = (train[kind]["speedup"], 2.0)
+    out = {k: {"value": round(v, 3), "at_least": need, "ok": v >= need} for k, (v, need) in checks.items()}
+    out["all_ok"] = all(c["ok"] for c in out.values())
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--preset", default="ffhq")
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--batch", type=int, default=32, help="inference batch (images of --size)")
+    p.add_argument("--batch", type=int, default=64, help="inference batch (images of --size)")
     p.add_argument("--train-batch", type=int, default=8, help="training batch per step")
     p.add_argument("--seconds", type=float, default=8.0, help="timed seconds per measurement")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
@@ -143,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": describe(), "command": " ".join(sys.argv), **inference(args)}
     if not args.skip_train:
         result.update(training(args))
+    result["targets"] = targets(result)
     result["total_s"] = round(time.perf_counter() - started, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

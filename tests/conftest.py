@@ -56,6 +56,9 @@ def s3_client(s3_endpoint):
 def ray_cluster(s3_endpoint):
     import ray
 
+    from oftsr.raycluster import forget_stale_cluster
+
+    forget_stale_cluster()  # Ray Train's workers would wait on a dead `ray start` head for 12 s per run
     ray.init(
         address="local",  # a new cluster, never a stale `ray start` record
         num_cpus=4,

@@ -151,13 +151,17 @@ def services(tmp_path_factory):
     try:
         yield {"root": root, "address": address, "tracking": tracking, "env": env}
     finally:
-        for proc in (server, head):
-            os.killpg(proc.pid, signal.SIGTERM)
+        # the head's graceful stop takes about 30 s; its processes share its process group, so SIGKILL ends them all
+        os.killpg(head.pid, signal.SIGKILL)
+        os.killpg(server.pid, signal.SIGTERM)
         for proc in (server, head):
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+        from oftsr.raycluster import forget_stale_cluster
+
+        forget_stale_cluster()  # the head was killed, not `ray stop`ped: its record would outlive it
 
 
 def submit(services, *sets, wait=True):

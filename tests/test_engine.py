@@ -78,3 +78,8 @@ def test_the_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
     assert result["inference"]["images_per_s"] > 0 and result["inference"]["speedup_over_eager"] > 0
     assert result["numerics"]["ok"] and result["numerics"]["max_abs_diff"] < 1e-3
     assert {"teacher", "distill"} <= set(result["train"]) and "cpu" in result["machine"]
+    assert result["train"]["teacher"]["optimised_host_syncs_per_step"] is None  # counted on CUDA only
+    checks = result["targets"]
+    assert {"inference_images_per_s", "numerics_psnr_db", "teacher_step_speedup", "distill_step_speedup"} <= set(checks)
+    assert checks["numerics_psnr_db"]["ok"]
+    assert checks["all_ok"] == all(c["ok"] for k, c in checks.items() if k != "all_ok")

@@ -135,7 +135,7 @@ def test_killing_the_driver_and_running_again_resumes(workdir, ray_cluster):
         "--set",
         f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
         "--set",
-        "total_images=640",
+        "total_images=384",
         "--set",
         "checkpoint_every_images=128",
         "--set",
@@ -149,17 +149,17 @@ def test_killing_the_driver_and_running_again_resumes(workdir, ray_cluster):
     proc.send_signal(signal.SIGKILL)  # the driver's machine going away
     proc.wait(timeout=60)
     first = sorted(p.parent.name for p in storage.glob("checkpoint_*/checksums.json"))
-    assert first and first[-1] < "checkpoint_000000000640", first
+    assert first and first[-1] < "checkpoint_000000000384", first
 
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["images_seen"] == 640
+    assert result["images_seen"] == 384
     assert "(resumed)" in out.stdout
     names = sorted(p.parent.name for p in storage.glob("checkpoint_*/checksums.json"))
-    assert names[-1] == "checkpoint_000000000640"
+    assert names[-1] == "checkpoint_000000000384"
     state = load_checkpoint(storage / names[-1])["state"]
-    assert state["ema_updates"] == 640 // 16  # resumed, not restarted: every image counted once
+    assert state["ema_updates"] == 384 // 16  # resumed, not restarted: every image counted once
 
 
 def test_checkpoints_on_s3_storage(workdir, ray_cluster, s3_client):
