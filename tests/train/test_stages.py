@@ -38,20 +38,20 @@ def teacher_run(workdir, ray_cluster):
     cfg = small(
         "teacher",
         workdir,
-        total_images=1024,
-        checkpoint_every_images=512,
+        total_images=768,
+        checkpoint_every_images=384,
         **{"optim.lr": "1e-3", "optim.warmup_images": "64"},
     )
     return run_stage(cfg)
 
 
 def test_teacher_loss_falls_and_the_run_ends_at_the_target(teacher_run, workdir):
-    assert teacher_run["images_seen"] == 1024
+    assert teacher_run["images_seen"] == 768
     losses = history(workdir, teacher_run["run_id"], "train/loss")
-    assert len(losses) == 1024 // 64
+    assert len(losses) == 768 // 64
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
     ckpt = load_checkpoint(teacher_run["checkpoint"])
-    assert ckpt["state"]["images_seen"] == 1024 and ckpt["state"]["ema_updates"] == 1024 // 16
+    assert ckpt["state"]["images_seen"] == 768 and ckpt["state"]["ema_updates"] == 768 // 16
 
 
 def test_distillation_from_that_teacher_lowers_its_loss(teacher_run, workdir):
@@ -60,16 +60,16 @@ def test_distillation_from_that_teacher_lowers_its_loss(teacher_run, workdir):
     cfg = small(
         "distill",
         workdir,
-        total_images=512,
-        checkpoint_every_images=512,
+        total_images=320,
+        checkpoint_every_images=320,
         **{"optim.lr": "5e-4", "optim.warmup_images": "32"},
     )
     result = run_stage(cfg)
-    assert result["images_seen"] == 512
+    assert result["images_seen"] == 320
     totals = history(workdir, result["run_id"], "train/total")
     assert sum(totals[-2:]) / 2 < sum(totals[:2]) / 2, totals
     for term in ("train/distil", "train/align", "train/bound"):
-        assert len(history(workdir, result["run_id"], term)) == 512 // 64
+        assert len(history(workdir, result["run_id"], term)) == 320 // 64
     student_start = load_teacher(str(workdir / "ray" / "quickstart-teacher"))[1]
     student_end = load_checkpoint(result["checkpoint"])["model"]
     assert any(not torch.equal(student_start[k], student_end[k]) for k in student_start)
@@ -87,7 +87,7 @@ def test_mlflow_holds_one_run_per_stage_with_params_metrics_tags_and_images(teac
     assert {"train/loss", "train/lr", "train/images_per_s", "train/grad_norm"} <= set(run.data.metrics)
     assert len(run.data.tags["oftsr.git_commit"]) >= 7 and len(run.data.tags["oftsr.data_manifest_hash"]) == 16
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id, "samples")}
-    assert artifacts == {"samples/checkpoint_000000000512.png", "samples/checkpoint_000000001024.png"}
+    assert artifacts == {"samples/checkpoint_000000000384.png", "samples/checkpoint_000000000768.png"}
 
 
 def test_a_worker_failure_resumes_from_the_last_checkpoint_and_counts_images_once(workdir, ray_cluster):
