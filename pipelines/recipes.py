@@ -21,7 +21,10 @@ PAPER_EMA_HALF_LIFE = half_life_from_decay(0.9999, 32)  # EMA 0.9999 at batch 32
 
 
 def _quickstart(stage: str) -> StageConfig:
-    data = DataConfig(source=f"{SAMPLE_PHOTOS}/train", crop=64, crops_per_image=8, batch_size=4, num_cpus=0.25)
+    # two decode tasks at a time: one machine, which the two training workers share with them
+    data = DataConfig(
+        source=f"{SAMPLE_PHOTOS}/train", crop=64, crops_per_image=8, batch_size=4, num_cpus=0.25, concurrency=2
+    )
     common = dict(
         data=data,
         preset="tiny",

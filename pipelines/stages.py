@@ -124,7 +124,9 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
     if cache_manifest is not None:
         from oftsr.cache.stage import cached_dataset
 
-        dataset, _ = cached_dataset(cfg.cache, cfg.data.storage_options, num_cpus=cfg.data.num_cpus)
+        dataset, _ = cached_dataset(
+            cfg.cache, cfg.data.storage_options, num_cpus=cfg.data.num_cpus, concurrency=cfg.data.concurrency
+        )
         ledger = None
         log_cache_input(cfg, run_id, cache_manifest)
         log(f"distill: cached targets from {cfg.cache} ({cache_manifest['rows']} rows, no teacher in the loop)")

@@ -327,13 +327,15 @@ def cached_dataset(
     *,
     batch_size: int = 16,
     num_cpus: float = 0.5,
+    concurrency: int | None = None,
     min_epoch_rows: int = 2048,
     max_cached_bytes: int = 1 << 30,
 ):
     """The cache as a Ray dataset of training tensors; refuses an incomplete cache.
 
     A small cache is listed several times per pass (each time with a fresh grid point per row), so that one pass
-    holds at least ``min_epoch_rows`` rows and the per-pass start-up of Ray Data is paid rarely.
+    holds at least ``min_epoch_rows`` rows and the per-pass start-up of Ray Data is paid rarely. ``num_cpus`` and
+    ``concurrency`` are those of the map tasks (:class:`oftsr.data.config.DataConfig`).
     """
     import math
 
@@ -358,6 +360,7 @@ def cached_dataset(
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=num_cpus,
+        concurrency=concurrency,
     ), manifest
 
 

@@ -38,6 +38,9 @@ class DataConfig:
     shuffle: bool = True
     batch_size: int = 16  # images per map_batches call
     num_cpus: float = 0.5  # per decode task: fractional, so training workers cannot starve the reads
+    # Most decode tasks at once (None: as many as the free CPUs allow). On a small machine each concurrent task
+    # is one more Python process importing PyTorch beside the training workers: cap it there.
+    concurrency: int | None = None
 
     def __post_init__(self) -> None:
         if (self.source is None) == (self.manifest is None):
@@ -57,3 +60,5 @@ class DataConfig:
             raise ValueError(f"DataConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_pixels < 1 or self.batch_size < 1 or self.num_cpus <= 0:
             raise ValueError("DataConfig.max_pixels, batch_size and num_cpus must be positive")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"DataConfig.concurrency must be >= 1 or None, got {self.concurrency}")
