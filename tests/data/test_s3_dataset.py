@@ -130,7 +130,7 @@ def test_the_dataset_plugs_into_ray_train(bucket, ray_cluster):
             keys.update(batch["key"])
         return {"rows": rows, "shapes": sorted(shapes), "keys": sorted(keys)}
 
-    cfg = DataConfig(source=f"{bucket}/photos", crop=64, batch_size=4, num_cpus=0.25)
+    cfg = DataConfig(source=f"{bucket}/photos", crop=64, batch_size=4, num_cpus=0.25, concurrency=1)
     ds, _ = training_dataset(cfg)
     trainer = TorchTrainer(
         loop, datasets={"train": ds}, scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5})

@@ -99,3 +99,5 @@ def test_config_validation_names_the_field(folder):
         DataConfig()
     with pytest.raises(ValueError, match=r"DataConfig\.degradation"):
         DataConfig(source="x", degradation="blur")
+    with pytest.raises(ValueError, match=r"DataConfig\.concurrency"):
+        DataConfig(source="x", concurrency=0)
