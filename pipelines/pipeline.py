@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from oftsr.cache.config import TrajectoryConfig
 from oftsr.conventions import uint8_to_image
 from oftsr.data.decode import DecodeError
 from oftsr.data.manifest import list_images
+from oftsr.data.storage import filesystem, join_uri
 from oftsr.data.transforms import crop_array, fetch_image
 from oftsr.evaluation import DEFAULT_KNOBS, EvalSettings, evaluate, knob_trend, strip, write_report
 from oftsr.train.config import StageConfig, TrackingConfig
@@ -71,9 +73,12 @@ def _finished(cfg: StageConfig) -> str | None:
 
 
 def held_out_crops(cfg: EvalConfig, storage_options=None) -> tuple[torch.Tensor, list[str]]:
-    """``(N, 3, crop, crop)`` HR crops in [-1, 1] at positions fixed by ``(seed, key, index)``; unusable images
-    are skipped and named."""
+    """``(N, 3, crop, crop)`` HR crops in [-1, 1] at positions fixed by ``(seed, name, index)``, where ``name`` is the
+    image's path below ``source``: the same photos give the same crops wherever they are stored (another checkout,
+    a bucket). Unusable images are skipped and named."""
     rows = list_images(cfg.source, storage_options)[: cfg.max_images]
+    _, root = filesystem(cfg.source, storage_options)
+    prefix = join_uri(cfg.source, root).rstrip("/") + "/"
     crops, skipped = [], []
     for r in rows:
         key = r["key"]
@@ -85,7 +90,8 @@ def held_out_crops(cfg: EvalConfig, storage_options=None) -> tuple[torch.Tensor,
         if min(img.shape[:2]) < cfg.crop:
             skipped.append(f"{key}: smaller than {cfg.crop}")
             continue
-        gen = torch.Generator().manual_seed(cfg.seed + sum(key.encode()))
+        name = key[len(prefix) :] if key.startswith(prefix) else key.rsplit("/", 1)[-1]
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{name}".encode()))  # torch keeps 32 bits
         for _ in range(cfg.crops_per_image):
             box = random_box(img.shape[0], img.shape[1], cfg.crop, p_hflip=0, p_vflip=0, generator=gen)
             crops.append(crop_array(img, box))
