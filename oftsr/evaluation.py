@@ -2,7 +2,8 @@
 
 Plain PyTorch (plus matplotlib for the plot): the pipeline layer feeds it crops and logs what it returns. Metrics
 per method: PSNR and SSIM (RGB in [0, 1]), ST-LPIPS (shipped weights, always), LPIPS when its ImageNet backbone is
-on this machine. The fidelity-realism curve plots distortion (PSNR) against perceptual distance, one point per t.
+on this machine, and FID against the HR crops (:mod:`oftsr.fid`) when the Inception weights are. The
+fidelity-realism curve plots distortion (PSNR) against perceptual distance, one point per t.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from oftsr.degrade import degrade
+from oftsr.fid import InceptionFeatures, fid_from_features
 from oftsr.flow import conditioned, noise_from_seed, noisy_start
 from oftsr.infer import evaluating, one_step
 from oftsr.metrics import LPIPS, STLPIPS, PerceptualWeightsMissing, psnr, ssim
@@ -40,7 +42,8 @@ class EvalSettings:
 
 
 class Perceptual:
-    """ST-LPIPS always; LPIPS (AlexNet) only when its backbone is already on this machine (never downloaded)."""
+    """ST-LPIPS always; LPIPS (AlexNet) and FID's Inception network only when their weights are already on this
+    machine (never downloaded)."""
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.st = STLPIPS().to(device)
@@ -48,6 +51,10 @@ class Perceptual:
             self.lpips: nn.Module | None = LPIPS(download=False).to(device)
         except PerceptualWeightsMissing:
             self.lpips = None
+        try:
+            self.inception: nn.Module | None = InceptionFeatures().to(device)
+        except PerceptualWeightsMissing:
+            self.inception = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {"st_lpips": self.st(x, y)}
@@ -73,8 +80,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate on HR crops ``(N, 3, H, W)`` in [-1, 1]; fixed noise (``settings.seed``) for every method.
 
-    Returns ``{"rows": [{"method", "t", "nfe", "psnr", "ssim", "st_lpips"[, "lpips"]}], "n": N}``, the metrics
-    averaged over the crops.
+    Returns ``{"rows": [{"method", "t", "nfe", "psnr", "ssim", "st_lpips"[, "lpips"][, "fid"]}], "n": N}``, the
+    metrics averaged over the crops; ``fid`` (between each method's outputs and the HR crops, N >= 2) only when the
+    Inception weights are on this machine.
     """
     perceptual = Perceptual(device)
     if student is not None and torch.device(device).type == "cuda":
@@ -82,6 +90,7 @@ def evaluate(
 
         student = fast_student(student, device)  # bf16, compiled, CUDA graphs: what `oftsr upscale` serves
     sums: dict[tuple[str, float | None], dict[str, float]] = {}
+    features: dict[tuple[str, float | None] | None, list[torch.Tensor]] = {}  # None: the HR crops
     nfe: dict[str, int] = {}
     n = hr.shape[0]
     batches = range(0, n, settings.batch)
@@ -110,6 +119,9 @@ def evaluate(
             acc = sums.setdefault(key, {})
             for name, values in _metrics(pred, x1, perceptual).items():
                 acc[name] = acc.get(name, 0.0) + float(values.sum())
+        if perceptual.inception is not None:
+            for key, images in ((None, x1), *results.items()):
+                features.setdefault(key, []).append(perceptual.inception(images.clamp(-1, 1)).double().cpu())
     rows = []
     for (method, t), acc in sums.items():
         row: dict[str, Any] = {
@@ -118,6 +130,8 @@ def evaluate(
             "nfe": {"bicubic": 0, "student": 1}.get(method, nfe.get(method)),
         }
         row.update({k: v / n for k, v in acc.items()})
+        if features and n >= 2:
+            row["fid"] = fid_from_features(torch.cat(features[(method, t)]), torch.cat(features[None]))
         rows.append(row)
     return {
         "rows": rows,
@@ -129,11 +143,12 @@ def evaluate(
 
 def markdown_table(report: dict[str, Any]) -> str:
     metrics = ["psnr", "ssim", "st_lpips"] + (["lpips"] if report["perceptual"] == "lpips" else [])
+    metrics += ["fid"] if report["rows"] and all("fid" in r for r in report["rows"]) else []
     head = "| method | t | NFE | " + " | ".join(m.upper().replace("_", "-") for m in metrics) + " |"
     lines = [head, "|" + "---|" * (3 + len(metrics))]
     for r in report["rows"]:
         t = "" if r["t"] is None else f"{r['t']:.1f}"
-        vals = " | ".join(f"{r[m]:.2f}" if m == "psnr" else f"{r[m]:.4f}" for m in metrics)
+        vals = " | ".join(f"{r[m]:.2f}" if m in ("psnr", "fid") else f"{r[m]:.4f}" for m in metrics)
         lines.append(f"| {r['method']} | {t} | {r['nfe'] if r['nfe'] is not None else ''} | {vals} |")
     return "\n".join(lines) + "\n"
 

@@ -189,7 +189,7 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
     flat = {}
     for r in report["rows"]:
         label = r["method"] if r["t"] is None else f"student_t{r['t']:.1f}"
-        flat.update({f"eval/{label}/{m}": r[m] for m in ("psnr", "ssim", metric)})
+        flat.update({f"eval/{label}/{m}": r[m] for m in ("psnr", "ssim", metric, "fid") if m in r})
     plog.log(flat, step=0)
     for p in (*paths.values(), out / "evaluation" / "strip.png"):
         c.log_artifact(parent, str(p), "evaluation")

@@ -1,0 +1,57 @@
+"""Evaluation: FID joins the table when the Inception weights are on the machine, and only then."""
+
+import pytest
+import torch
+
+from oftsr.degrade import degrade
+from oftsr.evaluation import EvalSettings, evaluate, markdown_table
+from oftsr.fid import InceptionFeatures, fid_from_features, inception_network, weights_path
+from oftsr.nets import build_unet
+from oftsr.samples import export_sample_split
+from pipelines.pipeline import EvalConfig, held_out_crops
+
+pytestmark = pytest.mark.timeout(300)
+SETTINGS = EvalSettings(sigma_p=0.2, knobs=(0.0, 1.0), teacher_method="euler", teacher_steps=2, batch=3)
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    _, heldout = export_sample_split(tmp_path_factory.mktemp("photos"))
+    return held_out_crops(EvalConfig(source=str(heldout), crop=64, crops_per_image=3))[0]
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    net = build_unet("tiny")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return net
+
+
+def test_fid_of_every_method_against_the_hr_crops_when_the_weights_are_cached(crops, net, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights_path().parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    torch.save(inception_network().state_dict(), weights_path())  # random values in the published layout
+
+    report = evaluate(crops, SETTINGS, student=net, teacher=net, progress=False)
+
+    assert report["n"] == 6
+    fids = {(r["method"], r["t"]): r["fid"] for r in report["rows"]}
+    assert set(fids) == {("bicubic", None), ("teacher", None), ("student", 0.0), ("student", 1.0)}
+    assert all(v > 0 for v in fids.values()) and len(set(fids.values())) == 4
+    with torch.no_grad():  # bicubic has no noise: recompute its FID from the features directly
+        features = InceptionFeatures()
+        bicubic = features(degrade(crops, SETTINGS.sf, "bicubic")[1].clamp(-1, 1))
+        expected = fid_from_features(bicubic, features(crops))
+    assert fids[("bicubic", None)] == pytest.approx(expected, rel=1e-4)
+    assert "| FID |" in markdown_table(report)
+
+
+def test_no_fid_without_the_weights(crops, net, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    report = evaluate(crops[:2], SETTINGS, student=net, progress=False)
+    assert all("fid" not in r for r in report["rows"])
+    assert "FID" not in markdown_table(report)
