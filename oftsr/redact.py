@@ -56,10 +56,10 @@ def environment_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
     )
 
 
-def redact_text(text: str, extra: list[str] | tuple[str, ...] = ()) -> str:
+def redact_text(text: str) -> str:
     """``text`` without URI user-info and without any credential value of this process's environment."""
     text = redact_uri(text)
-    for secret in [*extra, *environment_secrets()]:
+    for secret in environment_secrets():
         if secret and len(secret) >= 4:
             text = text.replace(secret, MASK)
     return text

@@ -98,14 +98,15 @@ def submit(
     agent_wait_s: float = 120.0,
 ) -> str:
     """Submit; a cluster whose job agent is still starting ("no available agent") is retried for up to
-    ``agent_wait_s`` seconds."""
+    ``agent_wait_s`` seconds. The arguments are checked before any connection is made."""
+    command, env = entrypoint(target, recipe, sets), runtime_env()
     c = client(address)
     deadline = time.time() + agent_wait_s
     while True:
         try:
             return c.submit_job(
-                entrypoint=entrypoint(target, recipe, sets),
-                runtime_env=runtime_env(),
+                entrypoint=command,
+                runtime_env=env,
                 submission_id=job_id,
                 entrypoint_num_cpus=num_cpus,
                 entrypoint_num_gpus=num_gpus or None,
