@@ -168,10 +168,11 @@ def plot_curve(report: dict[str, Any], path: str | Path, title: str = "fidelity-
         ax.plot(
             [r[metric] for r in student], [r["psnr"] for r in student], "-o", color="tab:blue", label="one-step student"
         )
-        for r in student:
-            ax.annotate(
-                f"t={r['t']:.1f}", (r[metric], r["psnr"]), textcoords="offset points", xytext=(4, 4), fontsize=7
-            )
+        for i, group in enumerate(_touching(student, metric, report["rows"])):
+            t = f"{group[0]['t']:.1f}" + (f"–{group[-1]['t']:.1f}" if len(group) > 1 else "")
+            at = (group[0][metric], group[0]["psnr"])
+            offset = (4, 4) if i % 2 == 0 else (4, -11)  # alternately above and below the curve
+            ax.annotate(f"t={t}", at, textcoords="offset points", xytext=offset, fontsize=7)
     for method, marker, color in (("teacher", "*", "tab:red"), ("bicubic", "s", "tab:gray")):
         for r in report["rows"]:
             if r["method"] == method:
@@ -188,6 +189,21 @@ def plot_curve(report: dict[str, Any], path: str | Path, title: str = "fidelity-
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _touching(points: list[dict[str, Any]], metric: str, rows: list[dict[str, Any]], tol: float = 0.03):
+    """Consecutive points (in t) within ``tol`` of the plot's extent of each other, grouped: one label per group
+    instead of labels printed over each other."""
+    xs, ys = [r[metric] for r in rows], [r["psnr"] for r in rows]
+    x_span, y_span = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    groups: list[list[dict[str, Any]]] = []
+    for r in points:
+        last = groups[-1][-1] if groups else None
+        if last and abs(r[metric] - last[metric]) < tol * x_span and abs(r["psnr"] - last["psnr"]) < tol * y_span:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
 
 
 def write_report(report: dict[str, Any], folder: str | Path, title: str = "fidelity-realism curve") -> dict[str, Path]:

@@ -55,3 +55,18 @@ def test_no_fid_without_the_weights(crops, net, tmp_path, monkeypatch):
     report = evaluate(crops[:2], SETTINGS, student=net, progress=False)
     assert all("fid" not in r for r in report["rows"])
     assert "FID" not in markdown_table(report)
+
+
+def test_curve_labels_one_group_of_touching_points():
+    from oftsr.evaluation import _touching
+
+    rows = [
+        {"method": "student", "t": 0.0, "st_lpips": 0.20, "psnr": 30.0},
+        {"method": "student", "t": 0.1, "st_lpips": 0.1201, "psnr": 28.01},
+        {"method": "student", "t": 0.2, "st_lpips": 0.1200, "psnr": 28.0},
+        {"method": "student", "t": 0.3, "st_lpips": 0.1202, "psnr": 27.99},
+        {"method": "student", "t": 0.4, "st_lpips": 0.10, "psnr": 25.0},
+        {"method": "bicubic", "t": None, "st_lpips": 0.30, "psnr": 31.0},
+    ]
+    groups = _touching(rows[:5], "st_lpips", rows)
+    assert [[r["t"] for r in g] for g in groups] == [[0.0], [0.1, 0.2, 0.3], [0.4]]
