@@ -28,7 +28,6 @@ from oftsr.metrics import PerceptualWeightsMissing
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
-FEATURES = 2048
 INPUT_SIZE = 299
 
 
@@ -132,13 +131,13 @@ class InceptionFeatures(nn.Module):
     Args:
         weights: a state-dict file; default the torch hub cache's ``pt_inception-2015-12-05-6726825d.pth``.
         download: fetch the published file into the hub cache when it is missing (never during an evaluation).
-        random: an untrained network (tests only: the numbers are not FID).
+        random_weights: an untrained network (to try the plumbing: the numbers are not FID).
     """
 
-    def __init__(self, weights: str | Path | None = None, *, download: bool = False, random: bool = False):
+    def __init__(self, weights: str | Path | None = None, *, download: bool = False, random_weights: bool = False):
         super().__init__()
         self.net = inception_network()
-        if not random:
+        if not random_weights:
             path = Path(weights) if weights is not None else weights_path()
             if not path.is_file():
                 if not download or weights is not None:
@@ -147,6 +146,7 @@ class InceptionFeatures(nn.Module):
                         f"there (TORCH_HOME={os.environ.get('TORCH_HOME', '<unset>')}) or evaluate without FID"
                     )
                 try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
                     torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(path), progress=False)
                 except OSError as err:
                     raise PerceptualWeightsMissing(f"could not fetch {FID_WEIGHTS_URL} to {path}: {err}") from err

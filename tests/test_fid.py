@@ -107,6 +107,8 @@ def test_missing_or_unusable_weights_are_named(tmp_path, monkeypatch):
     with pytest.raises(PerceptualWeightsMissing, match=FID_WEIGHTS_FILE) as err:
         InceptionFeatures()
     assert str(tmp_path) in str(err.value)
+    with torch.no_grad():
+        assert InceptionFeatures(random_weights=True)(torch.zeros(1, 3, 32, 32)).shape == (1, 2048)
     truncated = tmp_path / "truncated.pth"
     torch.save(inception_network().state_dict(), truncated)
     truncated.write_bytes(truncated.read_bytes()[:1000])
