@@ -1,4 +1,4 @@
-"""Session fixtures: a real S3-compatible server (moto) on 127.0.0.1 and one local Ray cluster.
+"""Fixtures: a real S3-compatible server (moto) on 127.0.0.1 for the session, and a local Ray cluster per module.
 
 The Ray cluster over-declares CPUs (this machine has 2 cores): with 1-CPU workers, Ray Data's read tasks could
 never be scheduled and a test would hang instead of failing.
@@ -52,8 +52,12 @@ def s3_client(s3_endpoint):
     return boto3.client("s3", endpoint_url=s3_endpoint)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(s3_endpoint):
+    """A fresh local cluster per test module. A shared one accumulated pinned workers: after a failed Ray Data
+    pass (the S3-outage test) Ray keeps the failed tasks' workers alive holding references, and once they fill
+    the idle-worker limit (num_cpus) every later task started, and paid for, a new worker process: about 20 a
+    minute through the training tests at the end of the suite, each importing PyTorch."""
     import ray
 
     from oftsr.raycluster import forget_stale_cluster
