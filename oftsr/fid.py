@@ -24,11 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oftsr.metrics import PerceptualWeightsMissing
+from oftsr.metrics import PerceptualWeightsMissing, hub_checkpoint
+from oftsr.nets.weights import read_state_dict
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
 INPUT_SIZE = 299
+# torchvision's Inception3 layers from the input to the pool3 features, in order
+POOL3_LAYERS = (
+    *("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2"),
+    *("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"),
+    *("Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"),
+)
 
 
 def frechet_distance(mu_a: torch.Tensor, cov_a: torch.Tensor, mu_b: torch.Tensor, cov_b: torch.Tensor) -> float:
@@ -122,7 +129,7 @@ def inception_network() -> nn.Module:
 
 def weights_path() -> Path:
     """Where torch hub keeps the FID Inception weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
+    return hub_checkpoint(FID_WEIGHTS_FILE)
 
 
 class InceptionFeatures(nn.Module):
@@ -155,11 +162,9 @@ class InceptionFeatures(nn.Module):
 
     def _load(self, path: Path) -> None:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated file, not a torch file, a pickle of objects
+            state = read_state_dict(path)  # weights only: never an arbitrary pickle
+        except ValueError as err:  # truncated file, not a torch file, no state dict
             raise PerceptualWeightsMissing(f"FID Inception weights at {path} cannot be read: {err}") from err
-        if not isinstance(state, dict):
-            raise PerceptualWeightsMissing(f"FID Inception weights at {path} are not a state dict")
         try:
             self.net.load_state_dict(state)
         except RuntimeError as err:
@@ -169,13 +174,8 @@ class InceptionFeatures(nn.Module):
         x = x.float()
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
             x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bicubic", antialias=True, align_corners=False)
-        n = self.net
-        for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1):
-            x = layer(x)
-        for layer in (n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b):
-            x = layer(x)
-        for layer in (n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c, n.avgpool):
-            x = layer(x)
+        for name in POOL3_LAYERS:
+            x = getattr(self.net, name)(x)
         return x.flatten(1)
 
 

@@ -64,9 +64,14 @@ class PerceptualWeightsMissing(RuntimeError):
     """A perceptual metric's pretrained weights are not on this machine and could not be fetched."""
 
 
+def hub_checkpoint(name: str) -> Path:
+    """Where torch hub keeps (or would download) the checkpoint file ``name``: ``$TORCH_HOME/hub/checkpoints``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
 def backbone_path(net: str = "alex") -> Path:
     """Where torch hub keeps the ImageNet backbone that LPIPS(``net``) loads."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / BACKBONE_FILES[net]
+    return hub_checkpoint(BACKBONE_FILES[net])
 
 
 class LPIPS(nn.Module):
