@@ -6,6 +6,18 @@ import torch
 from torch import nn
 
 
+def perturbed_unet(scale: float, preset: str = "tiny", **kw) -> nn.Module:
+    """A ``preset`` UNet with ``scale``·N(0, 1) added to every parameter (from torch's global generator): a fresh
+    one outputs zeros (zero-initialised output convolutions), which would hide most errors."""
+    from oftsr.nets import build_unet
+
+    net = build_unet(preset, **kw)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return net
+
+
 class PointwiseNet(nn.Module):
     """A per-pixel network (1x1 convolutions): each output pixel depends on that pixel alone."""
 

@@ -7,16 +7,12 @@ import torch
 from oftsr.engine import EngineConfig, fast_student
 from oftsr.infer import upscale
 from oftsr.metrics import psnr
-from oftsr.nets import build_unet
+from tests.helpers import perturbed_unet
 
 
 def student(seed: int = 0):
     torch.manual_seed(seed)
-    net = build_unet("tiny").eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net
+    return perturbed_unet(0.05).eval()
 
 
 def test_the_engine_computes_the_reference_network_on_cpu():

@@ -4,19 +4,16 @@ import sys
 
 import torch
 
-from oftsr.nets import build_unet
 from oftsr.samples import export_sample_split
 from oftsr.train.checkpoint import save_checkpoint
+from tests.helpers import perturbed_unet
 
 
 def test_evaluate_writes_the_curve_and_tables_for_checkpoints(tmp_path):
     _, heldout = export_sample_split(tmp_path / "photos")
     for kind in ("teacher", "distill"):
         torch.manual_seed(0)
-        net = build_unet("tiny")
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(0.01 * torch.randn_like(p))
+        net = perturbed_unet(0.01)
         save_checkpoint(
             tmp_path / kind / "checkpoint_000000000001",
             model=net,

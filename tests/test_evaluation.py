@@ -6,9 +6,9 @@ import torch
 from oftsr.degrade import degrade
 from oftsr.evaluation import EvalSettings, evaluate, markdown_table
 from oftsr.fid import InceptionFeatures, fid_from_features, inception_network, weights_path
-from oftsr.nets import build_unet
 from oftsr.samples import export_sample_split
 from pipelines.pipeline import EvalConfig, held_out_crops
+from tests.helpers import perturbed_unet
 
 pytestmark = pytest.mark.timeout(300)
 SETTINGS = EvalSettings(sigma_p=0.2, knobs=(0.0, 1.0), teacher_method="euler", teacher_steps=2, batch=3)
@@ -23,11 +23,7 @@ def crops(tmp_path_factory):
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    net = build_unet("tiny")
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return net
+    return perturbed_unet(0.01)
 
 
 def test_fid_of_every_method_against_the_hr_crops_when_the_weights_are_cached(crops, net, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ from oftsr.degrade import upsample
 from oftsr.flow import conditioned, noisy_start
 from oftsr.infer import check_knob, one_step, sample, tile_count, upscale
 from oftsr.nets import build_unet
-from tests.helpers import PointwiseNet
+from tests.helpers import PointwiseNet, perturbed_unet
 
 
 def noise_for(lr, sf=4, seed=0):
@@ -35,10 +35,7 @@ def test_tiled_and_whole_image_inference_agree_for_a_local_network(height, width
 
 def test_tiles_blend_without_seams_for_the_unet_on_odd_sizes():
     torch.manual_seed(0)
-    net = build_unet("tiny")
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    net = perturbed_unet(0.02)
     lr = torch.rand(1, 3, 19, 23) * 2 - 1
     noise = noise_for(lr)
     a = upscale(net, lr, 0.7, sigma_p=0.2, noise=noise, tile=32, overlap=8, tile_batch=64)

@@ -6,6 +6,7 @@ import torch
 from oftsr.flow import conditioned
 from oftsr.nets import build_unet, count_parameters, load_weights, save_weights, widen_input_conv
 from oftsr.nets.unet import attention_legacy, attention_sdpa
+from tests.helpers import perturbed_unet
 
 
 @pytest.mark.parametrize(("preset", "expected", "rel"), [("ffhq", 93.57e6, 0.002), ("imagenet", 552.8e6, 0.005)])
@@ -26,11 +27,7 @@ def test_tiny_preset_is_small_and_takes_six_channels():
 
 def perturbed_tiny(seed=0, **kw):
     torch.manual_seed(seed)
-    net = build_unet("tiny", **kw)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net
+    return perturbed_unet(0.05, **kw)
 
 
 def test_tiny_forward_and_backward():

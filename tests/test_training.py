@@ -4,6 +4,7 @@ from oftsr.degrade import degrade
 from oftsr.ema import EMA
 from oftsr.nets import build_unet
 from oftsr.training import OptimConfig, distill_step, lr_at, make_optimizer, teacher_step
+from tests.helpers import perturbed_unet
 
 
 def test_tiny_teacher_overfits_a_handful_of_crops():
@@ -28,10 +29,7 @@ def test_tiny_teacher_overfits_a_handful_of_crops():
 
 def test_distill_step_trains_the_student_and_leaves_the_teacher_untouched():
     torch.manual_seed(0)
-    teacher = build_unet("tiny", image_size=32)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    teacher = perturbed_unet(0.02, image_size=32)
     teacher.eval().requires_grad_(False)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = build_unet("tiny", image_size=32)

@@ -18,6 +18,7 @@ from oftsr.infer import one_step
 from oftsr.nets import build_unet
 from oftsr.samples import export_sample_photos
 from oftsr.train.checkpoint import load_checkpoint, save_checkpoint
+from tests.helpers import perturbed_unet
 
 pytestmark = pytest.mark.timeout(420)
 GRID = (0.01, 0.5, 0.99)
@@ -25,11 +26,7 @@ GRID = (0.01, 0.5, 0.99)
 
 def perturbed_tiny(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    net = build_unet("tiny")
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return net.eval()
+    return perturbed_unet(0.02).eval()
 
 
 @pytest.fixture(scope="module")
