@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from machine import describe
 
-from oftsr.data.config import DataConfig
-from oftsr.data.transforms import TrainTransform
 from oftsr.samples import export_sample_photos
+from pipelines.data.config import DataConfig
+from pipelines.data.transforms import TrainTransform
 
 
 def measure(keys: list[str], cfg: DataConfig, seconds: float) -> dict:

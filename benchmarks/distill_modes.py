@@ -21,14 +21,14 @@ import torch
 from machine import describe
 
 from oftsr.augment import apply_box, random_box
-from oftsr.cache.compute import sample_inputs, teacher_targets
-from oftsr.cache.config import DEFAULT_GRID
-from oftsr.cache.store import SCHEMA, tensor_bytes, write_shard
 from oftsr.flow import conditioned
 from oftsr.infer import one_step
 from oftsr.metrics import psnr
 from oftsr.nets import build_unet, load_weights
 from oftsr.training import OptimConfig, distill_cached_step, distill_step, make_optimizer
+from oftsr.trajectory import sample_inputs, teacher_targets
+from pipelines.cache.config import DEFAULT_GRID
+from pipelines.cache.store import SCHEMA, tensor_bytes, write_shard
 from pipelines.local_teacher import LocalTeacherConfig, _load_rgb
 from pipelines.local_teacher import run as train_local_teacher
 

@@ -1,4 +1,4 @@
-"""The conventions every part of oftsr follows. Written once here, tested once in ``tests/test_conventions.py``.
+"""The conventions every part of oftsr follows. Written once here, tested once in ``tests/core/test_conventions.py``.
 
 Images
     Float tensors in **[-1, 1]**, shape ``(B, 3, H, W)``, RGB. ``x1`` is the high-resolution (HR) image of size

@@ -14,14 +14,14 @@ from typing import Any
 import torch
 
 from oftsr.augment import random_box
-from oftsr.cache.config import TrajectoryConfig
 from oftsr.conventions import uint8_to_image
-from oftsr.data.decode import DecodeError
-from oftsr.data.manifest import list_images
-from oftsr.data.storage import filesystem, join_uri
-from oftsr.data.transforms import crop_array, fetch_image
 from oftsr.evaluation import DEFAULT_KNOBS, EvalSettings, evaluate, knob_trend, strip, write_report
-from oftsr.train.config import StageConfig, TrackingConfig
+from pipelines.cache.config import TrajectoryConfig
+from pipelines.data.decode import DecodeError
+from pipelines.data.manifest import list_images
+from pipelines.data.storage import filesystem, join_uri
+from pipelines.data.transforms import crop_array, fetch_image
+from pipelines.train.config import StageConfig, TrackingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ class PipelineConfig:
 
 def _finished(cfg: StageConfig) -> str | None:
     """The final checkpoint of a stage that already reached its target, else ``None``."""
-    from oftsr.train.checkpoint import read_checkpoint, resolve_checkpoint
+    from pipelines.train.checkpoint import read_checkpoint, resolve_checkpoint
 
     options = cfg.data.storage_options
     try:
@@ -105,9 +105,10 @@ def _with_parent(stage, tracking: TrackingConfig, parent: str):
 
 
 def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
-    from oftsr.overrides import flatten
-    from oftsr.registry import log_and_register
-    from oftsr.tracking import (
+    from pipelines.overrides import flatten
+    from pipelines.registry import log_and_register
+    from pipelines.stages import absolute, run_stage
+    from pipelines.tracking import (
         MetricLogger,
         check_reachable,
         client,
@@ -116,8 +117,7 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
         run_key,
         start_or_resume_run,
     )
-    from oftsr.train.checkpoint import read_checkpoint
-    from pipelines.stages import absolute, run_stage
+    from pipelines.train.checkpoint import read_checkpoint
 
     tracking = cfg.tracking.resolved()
     check_reachable(tracking.tracking_uri)
@@ -150,7 +150,7 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
     # 3. trajectories (cached targets only)
     distill_cfg = dataclasses.replace(cfg.distill, teacher=teacher_ckpt)
     if distill_cfg.targets == "cached":
-        from oftsr.cache.stage import run_trajectories
+        from pipelines.cache.stage import run_trajectories
 
         tcfg = _with_parent(dataclasses.replace(cfg.trajectories, teacher=teacher_ckpt), tracking, parent)
         cache = run_trajectories(tcfg, log=log)

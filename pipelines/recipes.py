@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from oftsr.cache.config import TrajectoryConfig
-from oftsr.data.config import DataConfig
 from oftsr.ema import half_life_from_decay
-from oftsr.train.config import DistillLossConfig, StageConfig
 from oftsr.training import OptimConfig
+from pipelines.cache.config import TrajectoryConfig
+from pipelines.data.config import DataConfig
+from pipelines.train.config import DistillLossConfig, StageConfig
 
 SAMPLE_PHOTOS = "outputs/sample_photos"  # export_sample_split() writes train/ and heldout/ below it
 PAPER_EMA_HALF_LIFE = half_life_from_decay(0.9999, 32)  # EMA 0.9999 at batch 32, about 221,800 images

@@ -11,12 +11,12 @@ import dataclasses
 import os
 from typing import Any
 
-from oftsr.data.storage import filesystem, protocol_of
-from oftsr.overrides import flatten
-from oftsr.preflight import preflight
-from oftsr.raycluster import ensure_ray
-from oftsr.tracking import MetricLogger, check_reachable, finish_run, git_commit, run_key, start_or_resume_run
-from oftsr.train.config import StageConfig
+from pipelines.data.storage import filesystem, protocol_of
+from pipelines.overrides import flatten
+from pipelines.preflight import preflight
+from pipelines.raycluster import ensure_ray
+from pipelines.tracking import MetricLogger, check_reachable, finish_run, git_commit, run_key, start_or_resume_run
+from pipelines.train.config import StageConfig
 
 
 def absolute(p: str | None) -> str | None:
@@ -59,7 +59,7 @@ def log_cache_input(cfg: StageConfig, run_id: str, manifest: dict[str, Any]) -> 
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from oftsr.tracking import client
+    from pipelines.tracking import client
 
     c = client(cfg.tracking.tracking_uri)
     digest = manifest["hash"]
@@ -82,9 +82,9 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from oftsr.data.dataset import format_summary, source_rows, training_dataset
-    from oftsr.data.manifest import manifest_hash
-    from oftsr.train.loop import train_loop_per_worker
+    from pipelines.data.dataset import format_summary, source_rows, training_dataset
+    from pipelines.data.manifest import manifest_hash
+    from pipelines.train.loop import train_loop_per_worker
 
     cfg = resolve_paths(cfg)
     check_reachable(cfg.tracking.tracking_uri)  # before any compute
@@ -93,7 +93,7 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
     preflight(cfg.storage_path, cfg.tracking.tracking_uri, storage_shared=cfg.storage_shared)
     cache_manifest = None
     if cfg.targets == "cached":
-        from oftsr.cache.store import read_manifest as read_cache_manifest
+        from pipelines.cache.store import read_manifest as read_cache_manifest
 
         cache_manifest = read_cache_manifest(cfg.cache, cfg.data.storage_options)  # refuses an incomplete cache
         rows, data_hash = [], cache_manifest["key"]["manifest_hash"]
@@ -122,7 +122,7 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
     )
 
     if cache_manifest is not None:
-        from oftsr.cache.stage import cached_dataset
+        from pipelines.cache.stage import cached_dataset
 
         dataset, _ = cached_dataset(
             cfg.cache, cfg.data.storage_options, num_cpus=cfg.data.num_cpus, concurrency=cfg.data.concurrency

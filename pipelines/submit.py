@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from oftsr.redact import is_sensitive
+from pipelines.redact import is_sensitive
 
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3, "PENDING": 4, "RUNNING": 4}
 STAGES = ("teacher", "distill", "trajectories")
@@ -36,7 +36,7 @@ def project_root() -> Path:
 
 def entrypoint(target: str, recipe: str | None, sets: list[str]) -> str:
     """``oftsr run RECIPE`` or ``oftsr STAGE RECIPE`` with the overrides, shell-quoted."""
-    args = ["python", "-m", "oftsr.cli"]
+    args = ["python", "-m", "pipelines.cli"]
     if target in STAGES:
         if not recipe:
             raise ValueError(f"submit {target} needs a recipe: oftsr submit {target} RECIPE ...")

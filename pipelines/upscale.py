@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from oftsr.conventions import image_to_uint8, uint8_to_image
-from oftsr.data.decode import decode_image
 from oftsr.engine import fast_student
 from oftsr.infer import check_knob, upscale
+from pipelines.data.decode import decode_image
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -57,7 +57,7 @@ def run_upscale(
         check_knob(t)
     files = collect_inputs(inputs)
     out = Path(out_dir)
-    from oftsr.registry import load_model
+    from pipelines.registry import load_model
 
     net, meta = load_model(model, tracking_uri=tracking_uri)
     if meta.get("kind") != "student":

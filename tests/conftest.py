@@ -60,7 +60,7 @@ def ray_cluster(s3_endpoint):
     minute through the training tests at the end of the suite, each importing PyTorch."""
     import ray
 
-    from oftsr.raycluster import forget_stale_cluster
+    from pipelines.raycluster import forget_stale_cluster
 
     forget_stale_cluster()  # Ray Train's workers would wait on a dead `ray start` head for 12 s per run
     ray.init(

@@ -80,7 +80,7 @@ def start_mlflow_server(root, port: int, env: dict | None = None):
 def wait_reachable(uri: str, proc, timeout_s: float = 120) -> None:
     import time
 
-    from oftsr.tracking import check_reachable
+    from pipelines.tracking import check_reachable
 
     deadline = time.time() + timeout_s
     while True:
@@ -109,7 +109,7 @@ def stop_process_group(proc, sig=None) -> None:
 def stage_config(stage: str, root, **sets):
     """The quickstart ``stage`` config on the sample photos under ``root`` (folder ``photos``), with Ray results
     under ``root/ray``, MLflow in ``root/mlflow.db``, and ``sets`` as ``--set`` overrides."""
-    from oftsr.overrides import apply_overrides
+    from pipelines.overrides import apply_overrides
     from pipelines.recipes import recipe
 
     base = {

@@ -1,0 +1,371 @@
+"""The ``trajectories`` stage (Ray Data actor pool, one teacher replica per actor) and the cached-target dataset
+that the distill stage streams with ``--set targets=cached --set cache=URI``."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from oftsr.augment import random_box
+from oftsr.nets import UNet
+from oftsr.trajectory import sample_inputs, sample_seed, stored_indices, teacher_targets
+from pipelines.cache.config import TrajectoryConfig, cache_key, key_hash
+from pipelines.cache.store import (
+    decode_row,
+    existing_shards,
+    read_manifest,
+    remove_partial_files,
+    shard_rows,
+    tensor_bytes,
+    write_manifest,
+    write_shard,
+)
+from pipelines.data.decode import DecodeError
+from pipelines.data.storage import filesystem
+from pipelines.data.transforms import crop_array, fetch_image
+from pipelines.raycluster import ensure_ray
+from pipelines.train.checkpoint import latest_checkpoint, load_teacher
+
+
+def is_model_uri(uri: str) -> bool:
+    return uri.startswith(("models:/", "runs:/"))
+
+
+def teacher_version(uri: str, storage_options=None, tracking_uri: str | None = None) -> tuple[str, str]:
+    """``(resolved URI, version)``: for a checkpoint (or run folder), the newest complete checkpoint and its EMA
+    weights' SHA-256; for an MLflow model URI (``models:/NAME@ALIAS``, ``models:/NAME/N``, ``runs:/...``), the
+    pinned version and its weights' SHA-256."""
+    if is_model_uri(uri):
+        from pipelines.registry import pin_model_uri
+
+        return pin_model_uri(uri, tracking_uri=tracking_uri)
+    fs, path = filesystem(uri, storage_options)
+    resolved = latest_checkpoint(fs, path)
+    with fs.open(f"{resolved}/checksums.json", "rb") as f:
+        sums = json.loads(f.read())
+    prefix = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    return prefix + resolved, sums["ema.safetensors"][:16]
+
+
+class ShardWriter:
+    """Ray Data callable class: loads the teacher once, then computes and writes one shard per call."""
+
+    def __init__(self, cfg: TrajectoryConfig, teacher_uri: str, prefix: str):
+        self.cfg, self.prefix = cfg, prefix
+        self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        if is_model_uri(teacher_uri):  # a registered teacher: weights and network config from the registry
+            from pipelines.registry import load_model
+
+            self.net = load_model(teacher_uri, tracking_uri=cfg.tracking.tracking_uri)[0]
+        else:
+            unet, weights = load_teacher(teacher_uri, cfg.data.storage_options)
+            self.net = UNet(unet)
+            self.net.load_state_dict(weights)
+        self.net.eval().requires_grad_(False).to(self.device)
+
+    def _crops(self, keys: list[str]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        cfg, d = self.cfg, self.cfg.data
+        samples, skipped = [], []
+        for key in keys:
+            try:
+                img = fetch_image(key, d.storage_options, retries=d.read_retries, max_pixels=d.max_pixels)
+                if img.shape[0] < d.crop or img.shape[1] < d.crop:
+                    raise DecodeError(key, "too-small", f"{img.shape[0]}x{img.shape[1]} < crop {d.crop}")
+            except DecodeError as err:
+                skipped.append((key, err.reason))
+                continue
+            for c in range(d.crops_per_image):
+                gen = torch.Generator().manual_seed(sample_seed(cfg.seed, key, c, -1))
+                box = random_box(
+                    img.shape[0], img.shape[1], d.crop, p_hflip=d.p_hflip, p_vflip=d.p_vflip, generator=gen
+                )
+                hr = crop_array(img, box)
+                for s in range(cfg.seeds_per_crop):
+                    samples.append(
+                        {
+                            "key": key,
+                            "crop_index": c,
+                            "seed": sample_seed(cfg.seed, key, c, s),
+                            "hr": hr,
+                            "box": [box.top, box.left, box.size, box.width, int(box.hflip), int(box.vflip)],
+                        }
+                    )
+        return samples, skipped
+
+    def _rows(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        cfg, d = self.cfg, self.cfg.data
+        rows = []
+        for i in range(0, len(samples), cfg.batch):
+            part = samples[i : i + cfg.batch]
+            seeds = [s["seed"] for s in part]
+            _, x_lr, x0, _ = sample_inputs(
+                torch.stack([s["hr"] for s in part]),
+                seeds,
+                sf=d.sf,
+                kind=d.degradation,
+                sigma_y=d.sigma_y,
+                sigma_p=cfg.sigma_p,
+            )
+            out = teacher_targets(
+                self.net,
+                x_lr.to(self.device),
+                x0.to(self.device),
+                cfg.grid,
+                method=cfg.method,
+                steps_per_interval=cfg.steps_per_interval,
+                dt=cfg.dt,
+                r=cfg.r,
+                t_min=cfg.t_min,
+                t_max=cfg.t_max,
+                chunk=4 * cfg.batch,
+            )
+            for j, s in enumerate(part):
+                idx = stored_indices(s["seed"], len(cfg.grid), cfg.points_per_sample)
+                rows.append(
+                    {
+                        "key": s["key"],
+                        "box": s["box"],
+                        "crop_index": s["crop_index"],
+                        "seed": s["seed"],
+                        "t": [cfg.grid[k] for k in idx],
+                        "hr": tensor_bytes(s["hr"], "uint8"),
+                        "u_bar": tensor_bytes(out["u_bar"][idx, j], cfg.dtype),
+                        "v_bar": tensor_bytes(out["v_bar"][idx, j], cfg.dtype),
+                        "v_bound": tensor_bytes(out["v_bound"][j], cfg.dtype),
+                        "endpoint": tensor_bytes(out["endpoint"][j], cfg.dtype),
+                        "nfe": int(out["nfe"]),
+                    }
+                )
+        return rows
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {"shard": [], "uri": [], "rows": [], "bytes": [], "skipped": [], "seconds": []}
+        for shard, keys_json in zip(batch["shard"], batch["keys"], strict=True):
+            start = time.perf_counter()
+            samples, skipped = self._crops(json.loads(str(keys_json)))
+            rows = self._rows(samples)
+            uri, size = write_shard(self.prefix, int(shard), rows, self.cfg.data.storage_options)
+            for k, v in (
+                ("shard", int(shard)),
+                ("uri", uri),
+                ("rows", len(rows)),
+                ("bytes", size),
+                ("skipped", json.dumps(skipped)),
+                ("seconds", time.perf_counter() - start),
+            ):
+                out[k].append(v)
+        return {k: np.array(v, dtype=object if k in ("uri", "skipped") else None) for k, v in out.items()}
+
+
+def plan(cfg: TrajectoryConfig, rows: list[dict[str, Any]], teacher_uri_version: str) -> tuple[str, dict, list]:
+    """``(prefix, key, shards)``: where the cache goes, its content key, and its shards of keys."""
+    from pipelines.data.manifest import manifest_hash
+
+    key = cache_key(cfg, teacher_version=teacher_uri_version, manifest_hash=manifest_hash(rows))
+    prefix = f"{cfg.out.rstrip('/')}/trajectories/{key_hash(key)}"
+    keys = sorted(r["key"] for r in rows)
+    shards = [keys[i : i + cfg.keys_per_shard] for i in range(0, len(keys), cfg.keys_per_shard)]
+    return prefix, key, shards
+
+
+def run_trajectories(cfg: TrajectoryConfig, *, max_shards: int = 0, log=print) -> dict[str, Any]:
+    """Compute (or finish, or reuse) the cache; returns ``{"uri", "rows", "complete", ...}``.
+
+    ``max_shards`` > 0 stops after that many new shards (a time-boxed run; re-running continues).
+    """
+    from pipelines.data.dataset import source_rows
+    from pipelines.overrides import flatten
+    from pipelines.tracking import MetricLogger, check_reachable, finish_run, git_commit, run_key, start_or_resume_run
+
+    check_reachable(cfg.tracking.tracking_uri)
+    ensure_ray()
+    from pipelines.preflight import preflight
+
+    preflight(cfg.out, cfg.tracking.tracking_uri, storage_shared=cfg.storage_shared, what="out")
+    rows = source_rows(cfg.data)
+    teacher_uri, version = teacher_version(cfg.teacher, cfg.data.storage_options, cfg.tracking.tracking_uri)
+    prefix, key, shards = plan(cfg, rows, version)
+    try:
+        manifest = read_manifest(prefix, cfg.data.storage_options)
+        log(f"trajectories: reusing the finished cache {prefix} ({manifest['rows']} rows)")
+        return {"uri": prefix, "rows": manifest["rows"], "complete": True, "reused": True}
+    except FileNotFoundError:
+        pass
+    done = existing_shards(prefix, cfg.data.storage_options)
+    pending = [i for i in range(len(shards)) if i not in done]
+    if max_shards > 0:
+        pending = pending[:max_shards]
+    run_id, _ = start_or_resume_run(
+        cfg.tracking.tracking_uri,
+        cfg.tracking.experiment,
+        key=run_key("trajectories", prefix),
+        run_name=f"trajectories:{cfg.run_name}",
+        params={**flatten(cfg), "cache.uri": prefix},
+        tags={
+            "oftsr.stage": "trajectories",
+            "oftsr.git_commit": git_commit(),
+            "oftsr.cache_hash": key_hash(key),
+            "oftsr.data_manifest_hash": key["manifest_hash"],
+            "oftsr.teacher_version": version,
+        },
+        parent_run_id=cfg.tracking.parent_run_id,
+    )
+    log(f"trajectories: {len(shards)} shards ({len(done)} done, {len(pending)} to compute) -> {prefix}")
+    start = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    if pending:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        items = [{"shard": i, "keys": json.dumps(shards[i])} for i in pending]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ShardWriter,
+            fn_constructor_kwargs={"cfg": cfg, "teacher_uri": teacher_uri, "prefix": prefix},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(cfg.concurrency, len(items))),
+            num_cpus=cfg.cpus_per_actor,
+            num_gpus=1 if cfg.use_gpu else 0,
+        )
+        results = ds.take_all()
+    seconds = time.perf_counter() - start
+    new_rows = sum(int(r["rows"]) for r in results)
+    skipped = [tuple(s) for r in results for s in json.loads(r["skipped"])]
+    metrics = {
+        "trajectories/new_rows": new_rows,
+        "trajectories/new_shards": len(results),
+        "trajectories/seconds": seconds,
+        "trajectories/skipped": len(skipped),
+    }
+    if new_rows:
+        metrics["trajectories/rows_per_s"] = new_rows / seconds
+    logger = MetricLogger(cfg.tracking.tracking_uri, run_id)
+    logger.log(metrics, step=len(done) + len(results))
+    all_done = existing_shards(prefix, cfg.data.storage_options)
+    if len(all_done) < len(shards):
+        log(f"trajectories: {len(all_done)}/{len(shards)} shards written; run again to finish")
+        return {"uri": prefix, "rows": None, "complete": False, "run_id": run_id, "skipped": skipped}
+
+    fs_shards = []
+    for i in range(len(shards)):
+        uri = all_done[i]
+        fs, path = filesystem(uri, cfg.data.storage_options)
+        fs_shards.append({"uri": uri, "rows": shard_rows(uri, cfg.data.storage_options), "bytes": fs.size(path)})
+    manifest = {
+        "key": key,
+        "hash": key_hash(key),
+        "teacher": teacher_uri,
+        "shape": [3, cfg.data.crop, cfg.data.crop],
+        "shards": fs_shards,
+        "rows": sum(s["rows"] for s in fs_shards),
+        "bytes": sum(s["bytes"] for s in fs_shards),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_manifest(prefix, manifest, cfg.data.storage_options)  # last: the cache is now complete
+    removed = remove_partial_files(prefix, cfg.data.storage_options)
+    if removed:
+        log(f"trajectories: removed {removed} partial file(s) left by an interrupted writer")
+    logger.log(
+        {
+            "trajectories/rows": manifest["rows"],
+            "trajectories/bytes": manifest["bytes"],
+            "trajectories/bytes_per_sample": manifest["bytes"] / max(1, manifest["rows"]),
+        },
+        step=len(shards),
+    )
+    finish_run(cfg.tracking.tracking_uri, run_id)
+    log(f"trajectories: complete, {manifest['rows']} rows, {manifest['bytes'] / 1e6:.1f} MB -> {prefix}")
+    return {
+        "uri": prefix,
+        "rows": manifest["rows"],
+        "complete": True,
+        "run_id": run_id,
+        "skipped": skipped,
+        "reused": False,
+    }
+
+
+class CachedTargets:
+    """Rows of a cache to training tensors: regenerates ``x_lr`` and ``x0`` from the HR crop and the seed, and
+    picks one stored grid point per row (fresh randomness every epoch)."""
+
+    def __init__(self, manifest: dict[str, Any]):
+        self.manifest = manifest
+        self.deg = manifest["key"]["degradation"]
+        self.sigma_p = manifest["key"]["sigma_p"]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        rows = [decode_row({k: batch[k][i] for k in batch}, self.manifest) for i in range(n)]
+        seeds = [r["seed"] for r in rows]
+        _, x_lr, x0, _ = sample_inputs(
+            torch.stack([r["hr"] for r in rows]),
+            seeds,
+            sf=self.deg["sf"],
+            kind=self.deg["kind"],
+            sigma_y=self.deg["sigma_y"],
+            sigma_p=self.sigma_p,
+        )
+        pick = [int(torch.randint(len(r["t"]), (1,))) for r in rows]
+        f32 = lambda x: x.float().numpy()  # noqa: E731
+        return {
+            "key": np.array([r["key"] for r in rows], dtype=object),
+            "x_lr": f32(x_lr),
+            "x0": f32(x0),
+            "t": np.array([float(r["t"][p]) for r, p in zip(rows, pick, strict=True)], dtype=np.float32),
+            "u_bar": f32(torch.stack([r["u_bar"][p] for r, p in zip(rows, pick, strict=True)])),
+            "v_bar": f32(torch.stack([r["v_bar"][p] for r, p in zip(rows, pick, strict=True)])),
+            "v_bound": f32(torch.stack([r["v_bound"] for r in rows])),
+        }
+
+
+def cached_dataset(
+    uri: str,
+    storage_options=None,
+    *,
+    batch_size: int = 16,
+    num_cpus: float = 0.5,
+    concurrency: int | None = None,
+    min_epoch_rows: int = 2048,
+    max_cached_bytes: int = 1 << 30,
+):
+    """The cache as a Ray dataset of training tensors; refuses an incomplete cache.
+
+    A small cache is listed several times per pass (each time with a fresh grid point per row), so that one pass
+    holds at least ``min_epoch_rows`` rows and the per-pass start-up of Ray Data is paid rarely. ``num_cpus`` and
+    ``concurrency`` are those of the map tasks (:class:`pipelines.data.config.DataConfig`).
+    """
+    import math
+
+    import pyarrow.fs
+
+    manifest = read_manifest(uri, storage_options)
+    repeats = max(1, math.ceil(min_epoch_rows / max(1, manifest["rows"])))
+    files = [s["uri"] for s in manifest["shards"]]
+    fs, _ = filesystem(files[0], storage_options)
+    paths = [filesystem(f, storage_options)[1] for f in files]
+    arrow_fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    if repeats > 1 and manifest["bytes"] <= max_cached_bytes:
+        # Small: read once into the object store and list those blocks `repeats` times (no re-reads, no
+        # hundreds of tiny read tasks); each listing still gets its own grid points in `_apply`.
+        once = ray.data.read_parquet(paths, filesystem=arrow_fs).materialize()
+        ds = once.union(*([once] * (repeats - 1)))
+    else:
+        ds = ray.data.read_parquet(paths * repeats, filesystem=arrow_fs)
+    return ds.map_batches(
+        _apply,
+        fn_kwargs={"targets": CachedTargets(manifest)},
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+        concurrency=concurrency,
+    ), manifest
+
+
+def _apply(batch: dict[str, np.ndarray], targets: CachedTargets) -> dict[str, np.ndarray]:
+    return targets(batch)
+
+
+__all__ = ["CachedTargets", "ShardWriter", "cached_dataset", "plan", "run_trajectories"]

@@ -1,0 +1,148 @@
+"""Configuration of the training stages (teacher and distill) as frozen, validated dataclasses.
+
+Recipes in ``pipelines/recipes.py`` build them; ``--set group.field=value`` overrides them
+(:mod:`pipelines.overrides`). Every schedule is counted in images, so changing the worker count or the batch does
+not change the run's length, its EMA or its checkpoint cadence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Literal
+
+from oftsr.nets import PRESETS
+from oftsr.training import OptimConfig
+from pipelines.data.config import DataConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: where runs go. Workers must reach ``tracking_uri`` (an HTTP server on multi-node clusters)."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "oftsr"
+    parent_run_id: str | None = None
+
+    def resolved(self) -> TrackingConfig:
+        """Relative SQLite paths made absolute, so Ray workers in other folders open the same file."""
+        prefix = "sqlite:///"
+        if self.tracking_uri.startswith(prefix) and not self.tracking_uri[len(prefix) :].startswith("/"):
+            path = os.path.abspath(self.tracking_uri[len(prefix) :])
+            return dataclasses.replace(self, tracking_uri=prefix + path)
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillLossConfig:
+    """DESIGN section 4: step ``dt``, teacher RK2 parameter ``r``, time range and term weights."""
+
+    dt: float = 0.05
+    r: float = 0.5
+    t_min: float = 0.01
+    t_max: float = 0.99
+    w_distil: float = 1.0
+    w_bound: float = 0.1
+    w_align: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.dt < 1.0:
+            raise ValueError(f"loss.dt must lie in (0, 1), got {self.dt}")
+        if not 0.0 < self.r <= 1.0:
+            raise ValueError(f"loss.r must lie in (0, 1], got {self.r}")
+        if not 0.0 < self.t_min < self.t_max <= 1.0:
+            raise ValueError(
+                f"loss.t_min / loss.t_max must satisfy 0 < t_min < t_max <= 1, got {self.t_min}, {self.t_max}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultInjection:
+    """Failure drills: the worker of ``rank`` fails once when it reaches ``fail_at_images`` images (the
+    ``marker`` file records that it fired, so the retry runs through). ``kind``: ``raise`` (an exception) or
+    ``sigkill`` (the worker process is killed mid-step, as by the OOM killer or a lost node). Disabled when
+    ``fail_at_images < 0``."""
+
+    fail_at_images: int = -1
+    rank: int = 0
+    marker: str = ""
+    kind: Literal["raise", "sigkill"] = "raise"
+
+    def __post_init__(self):
+        if self.kind not in ("raise", "sigkill"):
+            raise ValueError(f"fault.kind must be 'raise' or 'sigkill', got {self.kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One training stage: ``teacher`` (conditional rectified flow) or ``distill`` (one-step student)."""
+
+    stage: Literal["teacher", "distill"]
+    run_name: str
+    data: DataConfig
+    storage_path: str = "outputs/ray_results"
+    storage_shared: bool = False  # a local storage_path that every node mounts (NFS, FSx, ...)
+    preset: str = "tiny"
+    unet: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pretrained: str | None = None  # teacher: optional unconditional ADM weights to warm-start from
+    teacher: str | None = None  # distill: the teacher checkpoint folder or URI (required)
+    targets: Literal["online", "cached"] = "online"
+    cache: str | None = None  # distill with targets=cached: the trajectory cache URI
+    sigma_p: float = 0.2
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: DistillLossConfig = dataclasses.field(default_factory=DistillLossConfig)
+    batch_per_worker: int = 8
+    total_images: int = 10_000
+    ema_half_life_images: float = 5_000.0
+    checkpoint_every_images: int = 2_000
+    log_every_images: int = 256
+    sample_grid: int = 4  # LR / output / HR rows logged to MLflow at checkpoints (0: none)
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # GPU speed (DESIGN section 10): None means "on CUDA only". fast_modules: SDPA attention and fused
+    # GroupNorm + scale-shift + SiLU (same weights, same checkpoints); compile: torch.compile of the DDP model.
+    fast_modules: bool | None = None
+    compile: bool | None = None
+    ddp_bucket_mb: int = 100  # DDP gradient bucket size; larger buckets mean fewer all-reduce calls
+    max_failures: int = 2
+    keep_checkpoints: int = 3
+    seed: int = 0
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    fault: FaultInjection = dataclasses.field(default_factory=FaultInjection)
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("teacher", "distill"):
+            raise ValueError(f"stage must be 'teacher' or 'distill', got {self.stage!r}")
+        if not self.run_name or "/" in self.run_name:
+            raise ValueError(f"run_name must be a non-empty name without '/', got {self.run_name!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.stage == "distill" and not self.teacher:
+            raise ValueError("teacher: the distill stage needs the teacher checkpoint (set teacher=PATH_OR_URI)")
+        if self.stage == "teacher" and self.targets != "online":
+            raise ValueError("targets: only the distill stage has targets")
+        if self.targets == "cached" and not self.cache:
+            raise ValueError("cache: targets=cached needs the trajectory cache URI (set cache=URI)")
+        if not 0.0 <= self.sigma_p <= 1.0:
+            raise ValueError(f"sigma_p must lie in [0, 1], got {self.sigma_p}")
+        for name in ("batch_per_worker", "total_images", "checkpoint_every_images", "log_every_images", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.total_images % self.workers:
+            raise ValueError(f"total_images ({self.total_images}) must be a multiple of workers ({self.workers})")
+        if self.ema_half_life_images <= 0:
+            raise ValueError(f"ema_half_life_images must be > 0, got {self.ema_half_life_images}")
+        if self.ddp_bucket_mb < 1:
+            raise ValueError(f"ddp_bucket_mb must be >= 1, got {self.ddp_bucket_mb}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_per_worker * self.workers

@@ -1,0 +1,285 @@
+"""The Ray Train worker loop shared by the teacher and the distill stage.
+
+Reads top to bottom: context -> networks -> resume -> data -> steps (counted in images) -> logging (rank 0) ->
+checkpoints. Every worker runs it; DDP keeps the replicas equal. Resuming restores the model, the EMA, the
+optimizer, the images seen and rank 0's RNG, so no image is counted twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from oftsr.conventions import image_to_uint8
+from oftsr.ema import EMA
+from oftsr.engine import use_fast_modules
+from oftsr.flow import conditioned, noisy_start
+from oftsr.infer import evaluating, one_step, sample
+from oftsr.nets import UNet, load_weights, preset_config
+from oftsr.training import distill_cached_step, distill_step, lr_at, make_optimizer, teacher_step
+from pipelines.data.loader import iter_crops
+from pipelines.tracking import MetricLogger
+from pipelines.train.checkpoint import CheckpointCorrupt, load_checkpoint, load_teacher, save_checkpoint
+from pipelines.train.config import StageConfig
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a failure drill (:class:`pipelines.train.config.FaultInjection`)."""
+
+
+def _precision(cfg: StageConfig, device: torch.device) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def _maybe_fault(cfg: StageConfig, rank: int, images_seen: int) -> None:
+    f = cfg.fault
+    if f.fail_at_images < 0 or rank != f.rank or images_seen < f.fail_at_images:
+        return
+    if f.marker and os.path.exists(f.marker):
+        return
+    if f.marker:
+        Path(f.marker).write_text(str(images_seen))
+    if f.kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFault(f"failure drill: rank {rank} raised at {images_seen} images")
+
+
+def _networks(cfg: StageConfig) -> tuple[UNet, UNet | None]:
+    if cfg.stage == "teacher":
+        net = UNet(preset_config(cfg.preset, image_size=cfg.data.crop, **cfg.unet))
+        if cfg.pretrained:
+            load_weights(net, cfg.pretrained)
+        return net, None
+    unet_cfg, weights = load_teacher(cfg.teacher, cfg.data.storage_options)
+    student = UNet(unet_cfg)
+    student.load_state_dict(weights)
+    if cfg.targets == "cached":  # the cache holds the teacher's targets: no teacher in memory
+        return student, None
+    teacher = UNet(unet_cfg)
+    teacher.load_state_dict(weights)
+    return student, teacher.eval().requires_grad_(False)
+
+
+def _grid(cfg: StageConfig, net: torch.nn.Module, hr: torch.Tensor | None, x_lr: torch.Tensor) -> np.ndarray:
+    """Rows of LR | output(s) | HR as one uint8 image: the teacher's 8-NFE sample, or the student at t=0 and 1."""
+    gen = torch.Generator(device=x_lr.device).manual_seed(0)
+    eps = torch.randn(x_lr.shape, generator=gen, device=x_lr.device, dtype=x_lr.dtype)  # the same noise every time
+    with evaluating(net):
+        if cfg.stage == "teacher":
+            outs = [sample(net, x_lr, sigma_p=cfg.sigma_p, method="midpoint", steps=4, noise=eps).x]
+        else:
+            v = conditioned(net, x_lr)
+            x0 = noisy_start(x_lr, cfg.sigma_p, noise=eps)
+            outs = [one_step(v, x0, cfg.loss.t_min), one_step(v, x0, cfg.loss.t_max)]
+    cols = [x_lr, *outs] + ([hr] if hr is not None else [])
+    rows = torch.cat([torch.cat([image_to_uint8(c[i].float()) for c in cols], dim=-1) for i in range(x_lr.shape[0])], 1)
+    return rows.permute(1, 2, 0).cpu().numpy()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    cfg: StageConfig = config["cfg"]
+    run_id: str | None = config.get("mlflow_run_id")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    precision = _precision(cfg, device)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+
+    net, teacher = _networks(cfg)
+    if teacher is not None:
+        teacher.to(device)
+    ema = EMA(net, cfg.ema_half_life_images)
+    images_seen = 0
+    state: dict[str, Any] | None = None
+    ckpt, resumed_from, passed_over = resume_checkpoint(ray.train.get_checkpoint())
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        ema.module.load_state_dict(ckpt["ema"])
+        state = ckpt["state"]
+        images_seen, ema.num_updates = int(state["images_seen"]), int(state["ema_updates"])
+    ema.module.to(device)
+    cuda = device.type == "cuda"
+    if cfg.fast_modules if cfg.fast_modules is not None else cuda:
+        use_fast_modules(net)  # same parameters and state-dict keys: checkpoints are unchanged
+        if teacher is not None:
+            use_fast_modules(teacher)
+    ddp = {"broadcast_buffers": False, "gradient_as_bucket_view": True, "bucket_cap_mb": cfg.ddp_bucket_mb}
+    model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs=ddp)
+    if cfg.compile if cfg.compile is not None else cuda:
+        model = torch.compile(model)  # default mode; DDP's optimizer splits the graph at bucket boundaries
+    optimizer = make_optimizer(net.parameters(), cfg.optim)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + images_seen)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if rank == 0 and "rng" in state and device.type == "cpu":
+            gen.set_state(state["rng"])
+
+    logger = MetricLogger(cfg.tracking.tracking_uri, run_id, background=True) if rank == 0 and run_id else None
+    if logger and passed_over:
+        logger.set_tags({"oftsr.resumed_from": resumed_from, "oftsr.corrupt_checkpoints": " | ".join(passed_over)})
+    shard = ray.train.get_dataset_shard("train")
+    next_log = (images_seen // cfg.log_every_images + 1) * cfg.log_every_images
+    next_ckpt = (images_seen // cfg.checkpoint_every_images + 1) * cfg.checkpoint_every_images
+    sums: dict[str, torch.Tensor] = {}
+    steps, window_start, window_images = 0, time.perf_counter(), 0
+    last: dict[str, float] = {}
+
+    while images_seen < cfg.total_images:
+        batches = 0
+        for batch in iter_crops(shard, cfg.batch_per_worker, device=device):
+            batches += 1
+            take = min(cfg.batch_per_worker, (cfg.total_images - images_seen) // world)
+            batch = {k: v[:take] for k, v in batch.items()}
+            x_lr = batch["x_lr"]
+            hr = batch.get("hr")
+            _maybe_fault(cfg, rank, images_seen)
+            lr = lr_at(images_seen, cfg.optim)
+            common = dict(sigma_p=cfg.sigma_p, lr=lr, grad_clip=cfg.optim.grad_clip, precision=precision, generator=gen)
+            if cfg.stage == "teacher":
+                stats = teacher_step(model, optimizer, hr, x_lr, **common)
+            elif cfg.targets == "cached":
+                stats = distill_cached_step(
+                    model,
+                    optimizer,
+                    batch,
+                    lr=lr,
+                    grad_clip=cfg.optim.grad_clip,
+                    precision=precision,
+                    **dataclasses.asdict(cfg.loss),
+                )
+            else:
+                stats = distill_step(model, teacher, optimizer, x_lr, **common, **dataclasses.asdict(cfg.loss))
+            images_seen += take * world
+            window_images += take * world
+            ema.update(net, take * world)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v.float()
+            steps += 1
+            done = images_seen >= cfg.total_images
+
+            if images_seen >= next_log or done:
+                names = sorted(sums)
+                vec = torch.stack([sums[k] for k in names]) / steps
+                if world > 1:
+                    dist.all_reduce(vec)
+                    vec /= world
+                elapsed = time.perf_counter() - window_start
+                last = {f"train/{k}": float(v) for k, v in zip(names, vec.tolist(), strict=True)}
+                last.update(
+                    {
+                        "train/lr": lr,
+                        "train/images_per_s": window_images / max(elapsed, 1e-9),
+                        "train/images_seen": images_seen,
+                        "train/ema_decay": ema.decay(take * world),
+                    }
+                )
+                if logger:
+                    logger.log(last, step=images_seen)
+                sums, steps, window_start, window_images = {}, 0, time.perf_counter(), 0
+                next_log = (images_seen // cfg.log_every_images + 1) * cfg.log_every_images
+
+            if images_seen >= next_ckpt or done:
+                _report(cfg, rank, net, ema, optimizer, gen, images_seen, last, logger, hr, x_lr)
+                next_ckpt = (images_seen // cfg.checkpoint_every_images + 1) * cfg.checkpoint_every_images
+            if done:
+                break
+        if batches == 0:
+            raise RuntimeError("the training dataset yielded no batch: fewer usable crops than batch_per_worker?")
+    if logger:
+        logger.close()
+    out = {"images_seen": images_seen, **last}
+    if resumed_from:
+        out.update(resumed_from=resumed_from, corrupt_checkpoints=passed_over)
+    if logger and logger.spool_file:
+        out["mlflow_spool"] = logger.spool_file
+    return out
+
+
+def resume_checkpoint(latest: ray.train.Checkpoint | None) -> tuple[dict[str, Any] | None, str, list[str]]:
+    """The newest checkpoint of the run that verifies, starting from ``latest`` (what Ray Train restored).
+
+    A corrupt checkpoint (checksum mismatch, missing file) is passed over with a warning and the previous one
+    is tried, so one bad write costs one checkpoint interval, not the run. Returns ``(checkpoint or None,
+    its folder name, [reasons for each passed-over checkpoint])``; raises :class:`CheckpointCorrupt` when none
+    verifies (the run is never silently restarted from zero).
+    """
+    if latest is None:
+        return None, "", []
+    import pyarrow.fs
+
+    fs, path = latest.filesystem, latest.path.rstrip("/")
+    parent, name = path.rsplit("/", 1)
+    older = [
+        info.path
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(parent))
+        if info.type == pyarrow.fs.FileType.Directory
+        and info.base_name.startswith("checkpoint_")
+        and info.base_name < name
+    ]
+    passed_over: list[str] = []
+    for candidate in [path, *sorted(older, reverse=True)]:
+        try:
+            with ray.train.Checkpoint(candidate, filesystem=fs).as_directory() as folder:
+                ckpt = load_checkpoint(folder)
+        except (CheckpointCorrupt, OSError) as err:
+            passed_over.append(f"{candidate}: {err}")
+            warnings.warn(f"checkpoint {candidate} is unusable ({err}); trying the previous one", stacklevel=1)
+            continue
+        return ckpt, candidate.rsplit("/", 1)[-1], passed_over
+    raise CheckpointCorrupt(f"no usable checkpoint under {parent}: " + "; ".join(passed_over))
+
+
+def _report(cfg, rank, net, ema, optimizer, gen, images_seen, metrics, logger, hr, x_lr) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint (and logs the sample grid)."""
+    name = f"checkpoint_{images_seen:012d}"
+    if rank != 0:
+        ray.train.report({**metrics, "images_seen": images_seen}, checkpoint=None, checkpoint_dir_name=name)
+        return
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "images_seen": images_seen,
+        "ema_updates": ema.num_updates,
+        "torch_rng": torch.get_rng_state(),
+    }
+    if gen.device.type == "cpu":
+        state["rng"] = gen.get_state()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(
+            tmp,
+            model=net,
+            ema=ema.module,
+            unet=net.config,
+            state=state,
+            stage={
+                "stage": cfg.stage,
+                "run_name": cfg.run_name,
+                "images_seen": images_seen,
+                "sigma_p": cfg.sigma_p,
+                "degradation": cfg.data.degradation,
+                "sf": cfg.data.sf,
+                "crop": cfg.data.crop,
+                "preset": cfg.preset,
+            },
+        )
+        ray.train.report(
+            {**metrics, "images_seen": images_seen},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=name,
+        )
+    if logger and cfg.sample_grid > 0:
+        n = min(cfg.sample_grid, x_lr.shape[0])
+        logger.log_image(_grid(cfg, ema.module, None if hr is None else hr[:n], x_lr[:n]), f"samples/{name}.png")

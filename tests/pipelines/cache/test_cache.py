@@ -1,0 +1,250 @@
+"""The teacher-trajectory cache: targets, storage, the Ray stage and cached distillation."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from oftsr.flow import conditioned, noise_from_seed
+from oftsr.infer import one_step
+from oftsr.nets import build_unet
+from oftsr.samples import export_sample_photos
+from oftsr.trajectory import sample_inputs, sample_seed, stored_indices, teacher_targets
+from pipelines.cache.config import TrajectoryConfig
+from pipelines.cache.store import CacheIncomplete, bytes_tensor, read_manifest, read_rows, tensor_bytes
+from pipelines.data.config import DataConfig
+from pipelines.train.checkpoint import load_checkpoint, save_checkpoint
+from tests.helpers import perturbed_unet
+
+pytestmark = pytest.mark.timeout(420)
+GRID = (0.01, 0.5, 0.99)
+
+
+def perturbed_tiny(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return perturbed_unet(0.02).eval()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    export_sample_photos(root / "photos")
+    for i in (1, 2):
+        net = perturbed_tiny(i)
+        save_checkpoint(
+            root / f"teacher{i}" / "checkpoint_000000000001",
+            model=net,
+            ema=net,
+            unet=net.config,
+            state={"images_seen": 1},
+            stage={"stage": "teacher"},
+        )
+    return root
+
+
+def cfg_for(root, **kw) -> TrajectoryConfig:
+    base = dict(
+        run_name="t",
+        data=DataConfig(source=str(root / "photos"), crop=64, crops_per_image=2),
+        teacher=str(root / "teacher1"),
+        out=str(root / "out"),
+        grid=GRID,
+        keys_per_shard=3,
+        batch=6,
+        concurrency=2,
+        tracking=dataclasses.replace(_tracking(root)),
+    )
+    base.update(kw)
+    return TrajectoryConfig(**base)
+
+
+def _tracking(root):
+    from pipelines.train.config import TrackingConfig
+
+    return TrackingConfig(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def test_stored_bytes_read_back_bit_exact_in_their_dtype():
+    x = torch.randn(2, 3, 8, 8) * 3
+    for dtype in ("float16", "bfloat16"):
+        back = bytes_tensor(tensor_bytes(x, dtype), dtype, (2, 3, 8, 8))
+        assert back.dtype == getattr(torch, dtype) and torch.equal(back, x.to(getattr(torch, dtype)))
+
+
+def test_inputs_are_a_pure_function_of_crop_and_seed():
+    hr = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    seeds = [sample_seed(0, "k", 0, 0), sample_seed(0, "k", 0, 1)]
+    a = sample_inputs(hr, seeds, sf=4, kind="avgpool", sigma_y=0.05, sigma_p=0.5)
+    b = sample_inputs(hr, seeds, sf=4, kind="avgpool", sigma_y=0.05, sigma_p=0.5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert torch.equal(a[3], noise_from_seed((3, 16, 16), seeds))
+    assert stored_indices(seeds[0], 21, 6) == stored_indices(seeds[0], 21, 6) and len(stored_indices(1, 21, 6)) == 6
+
+
+def test_average_velocities_reproduce_the_teacher_states():
+    net = perturbed_tiny(0)
+    hr = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    _, x_lr, x0, _ = sample_inputs(hr, [1, 2], sf=4, kind="bicubic", sigma_y=0.0, sigma_p=0.2)
+    out = teacher_targets(net, x_lr, x0, GRID, steps_per_interval=2)
+    t = torch.tensor(GRID).view(-1, 1, 1, 1, 1)
+    stored = bytes_tensor(tensor_bytes(out["u_bar"], "float16"), "float16", tuple(out["u_bar"].shape)).float()
+    recon = x0.unsqueeze(0) + t * stored
+    assert (recon - out["states"]).abs().max() < 2e-3  # fp16 error of u_bar, times t <= 1
+    assert out["nfe"] == 2 * 2 * (len(GRID) + 1)
+    assert out["endpoint"].shape == x0.shape and torch.isfinite(out["v_bar"]).all()
+
+
+def test_two_teachers_or_two_sigmas_give_two_prefixes(workdir):
+    from pipelines.cache.stage import plan
+
+    rows = [{"key": "a", "size": 1}]
+    base = cfg_for(workdir)
+    p1 = plan(base, rows, "teacher-a")[0]
+    assert p1 == plan(base, rows, "teacher-a")[0]
+    assert plan(base, rows, "teacher-b")[0] != p1
+    assert plan(dataclasses.replace(base, sigma_p=0.3), rows, "teacher-a")[0] != p1
+    assert plan(dataclasses.replace(base, concurrency=5), rows, "teacher-a")[0] == p1  # pool size is not content
+
+
+@pytest.fixture(scope="module")
+def cache(workdir, ray_cluster):
+    from pipelines.cache.stage import run_trajectories
+
+    cfg = cfg_for(workdir)
+    half = run_trajectories(cfg, max_shards=1)  # stopped after one of three shards
+    assert not half["complete"]
+    with pytest.raises(CacheIncomplete, match=r"no manifest\.json"):
+        read_manifest(half["uri"])
+    first_shard = workdir / "out" / "trajectories" / half["uri"].rsplit("/", 1)[-1] / "shard-00000.parquet"
+    before = first_shard.read_bytes()
+    full = run_trajectories(cfg)
+    assert full["complete"] and full["uri"] == half["uri"]
+    assert first_shard.read_bytes() == before  # finished shards are skipped, not recomputed
+    return full
+
+
+def test_an_interrupted_stage_completes_on_rerun_without_duplicates(cache):
+    rows = read_rows(cache["uri"])
+    assert cache["rows"] == len(rows) == 9 * 2
+    assert len({(r["key"], r["crop_index"], r["seed"]) for r in rows}) == len(rows)
+    manifest = read_manifest(cache["uri"])
+    assert len(manifest["shards"]) == 3 and manifest["key"]["grid"] == list(GRID)
+
+
+def test_rows_hold_the_documented_targets(cache, workdir):
+    rows = read_rows(cache["uri"])
+    row = rows[0]
+    assert row["u_bar"].dtype == torch.float16 and row["u_bar"].shape == (3, 3, 64, 64)
+    assert row["hr"].dtype == torch.uint8 and row["nfe"] == 2 * (len(GRID) + 1)
+    net = build_unet("tiny")
+    net.load_state_dict(load_checkpoint(workdir / "teacher1" / "checkpoint_000000000001")["ema"])
+    _, x_lr, x0, eps = sample_inputs(row["hr"][None], [row["seed"]], sf=4, kind="bicubic", sigma_y=0.0, sigma_p=0.2)
+    assert torch.equal(eps[0], noise_from_seed((3, 64, 64), row["seed"]))  # eps regenerated from the seed
+    again = teacher_targets(net.eval(), x_lr, x0, GRID)
+    assert (again["u_bar"][:, 0].half().float() - row["u_bar"].float()).abs().max() < 2e-3
+    assert (again["endpoint"][0] - row["endpoint"].float()).abs().max() < 2e-3
+
+
+def test_cli_lists_and_verifies_and_catches_a_damaged_shard(cache, workdir, tmp_path):
+    cli = [sys.executable, "-m", "pipelines.cli", "cache"]
+    out = subprocess.run([*cli, "ls", str(workdir / "out")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and f"{cache['uri']}  18 rows" in out.stdout
+    out = subprocess.run([*cli, "verify", cache["uri"]], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "ok: 3 shards, 18 rows" in out.stdout
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache["uri"], copy)
+    manifest = (copy / "manifest.json").read_text().replace(cache["uri"], str(copy))
+    (copy / "manifest.json").write_text(manifest)
+    shard = copy / "shard-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    out = subprocess.run([*cli, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "shard-00001.parquet" in out.stderr
+
+
+def test_a_cache_without_manifest_is_refused(tmp_path, ray_cluster):
+    from pipelines.cache.stage import cached_dataset
+
+    (tmp_path / "shard-00000.parquet").write_bytes(b"x")
+    with pytest.raises(CacheIncomplete, match="incomplete"):
+        cached_dataset(str(tmp_path))
+
+
+def test_cached_distillation_lowers_its_loss_and_moves_toward_the_teacher_endpoint(cache, workdir):
+    from pipelines.overrides import apply_overrides
+    from pipelines.recipes import recipe
+    from pipelines.stages import run_stage
+    from pipelines.tracking import client
+
+    cfg = apply_overrides(
+        recipe("quickstart", "distill"),
+        {
+            "targets": "cached",
+            "cache": cache["uri"],
+            "teacher": str(workdir / "teacher1"),
+            "data.source": str(workdir / "photos"),
+            "storage_path": str(workdir / "ray"),
+            "run_name": "cached",
+            "tracking.tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}",
+            "total_images": "1024",
+            "log_every_images": "64",
+            "optim.lr": "1e-3",  # 2e-3 overshoots: the endpoint distance then falls by only 5-15 % and varies
+            "optim.warmup_images": "32",
+            "sample_grid": "0",
+        },
+    )
+    result = run_stage(cfg)
+    c = client(f"sqlite:///{workdir / 'mlflow.db'}")
+    totals = [m.value for m in sorted(c.get_metric_history(result["run_id"], "train/total"), key=lambda m: m.step)]
+    assert sum(totals[-3:]) / 3 < 0.85 * sum(totals[:3]) / 3, totals
+    inputs = c.get_run(result["run_id"]).inputs.dataset_inputs
+    assert [d.dataset.digest for d in inputs] == [read_manifest(cache["uri"])["hash"]]
+
+    rows = read_rows(cache["uri"])
+    hr = torch.stack([r["hr"] for r in rows])
+    _, x_lr, x0, _ = sample_inputs(hr, [r["seed"] for r in rows], sf=4, kind="bicubic", sigma_y=0.0, sigma_p=0.2)
+    endpoint = torch.stack([r["endpoint"].float() for r in rows])
+
+    def distance(weights):
+        net = build_unet("tiny")
+        net.load_state_dict(weights)
+        with torch.no_grad():
+            return (one_step(conditioned(net.eval(), x_lr), x0, 0.99) - endpoint).square().mean().item()
+
+    before = distance(load_checkpoint(workdir / "teacher1" / "checkpoint_000000000001")["ema"])
+    after = distance(load_checkpoint(result["checkpoint"])["model"])
+    assert after < 0.8 * before, (before, after)  # about 0.5 measured in-process at this learning rate
+
+
+def test_a_registered_teacher_is_read_from_the_registry_with_the_same_content_key(cache, workdir):
+    from pipelines.cache.stage import run_trajectories
+    from pipelines.registry import log_and_register
+    from pipelines.tracking import client
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    ckpt = load_checkpoint(workdir / "teacher1" / "checkpoint_000000000001")
+    net = build_unet("tiny")
+    net.load_state_dict(ckpt["ema"])
+    c = client(uri)
+    run_id = c.create_run(c.create_experiment("registry", str(workdir / "artifacts"))).info.run_id
+    meta = {"kind": "teacher", "sigma_p": 0.2, "sf": 4, "degradation": "bicubic"}
+    log_and_register(tracking_uri=uri, run_id=run_id, name="oftsr-teacher", net=net, meta=meta)
+
+    cfg = cfg_for(workdir, teacher="models:/oftsr-teacher@candidate", out=str(workdir / "out-registered"))
+    result = run_trajectories(cfg)
+    assert result["complete"]
+    # Same weights, same content key: the cache is addressed by what the teacher is, not where it is registered.
+    assert result["uri"].rsplit("/", 1)[-1] == cache["uri"].rsplit("/", 1)[-1]
+    tags = c.get_run(result["run_id"]).data.tags
+    assert tags["oftsr.teacher_version"] == read_manifest(cache["uri"])["key"]["teacher_version"]
+    ours = {(r["key"], r["crop_index"]): r for r in read_rows(result["uri"])}
+    for r in read_rows(cache["uri"]):
+        assert torch.equal(ours[r["key"], r["crop_index"]]["u_bar"], r["u_bar"])  # computed by the same network
+
+    with pytest.raises(FileNotFoundError, match="models:/oftsr-teacher@nope"):
+        run_trajectories(dataclasses.replace(cfg, teacher="models:/oftsr-teacher@nope"))
