@@ -25,7 +25,7 @@ from oftsr.flow import conditioned
 from oftsr.infer import one_step
 from oftsr.metrics import psnr
 from oftsr.nets import build_unet, load_weights
-from oftsr.training import OptimConfig, distill_cached_step, distill_step, make_optimizer
+from oftsr.training import CachedDistillObjective, OptimConfig, distill_step, make_optimizer, train_step
 from oftsr.trajectory import sample_inputs, teacher_targets
 from pipelines.cache.config import DEFAULT_GRID
 from pipelines.cache.store import SCHEMA, tensor_bytes, write_shard
@@ -141,7 +141,7 @@ def main() -> None:
                     "v_bar": v_bar[k, ids].float(),
                     "v_bound": v_bound[ids].float(),
                 }
-                distill_cached_step(net, opt, batch, lr=args.lr)
+                train_step(net, opt, CachedDistillObjective(), batch, lr=args.lr)
             times.append(time.perf_counter() - t0)
         results[mode] = {"net": net.eval(), "step_s": sorted(times[5:])[len(times[5:]) // 2]}
 

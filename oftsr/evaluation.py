@@ -22,6 +22,7 @@ from oftsr.degrade import degrade
 from oftsr.fid import InceptionFeatures, fid_from_features
 from oftsr.flow import conditioned, noise_from_seed, noisy_start
 from oftsr.infer import evaluating, one_step
+from oftsr.method import Method
 from oftsr.metrics import LPIPS, STLPIPS, PerceptualWeightsMissing, psnr, ssim
 from oftsr.solvers import solve
 
@@ -30,15 +31,21 @@ DEFAULT_KNOBS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    sigma_p: float
-    sf: int = 4
-    degradation: str = "bicubic"
-    sigma_y: float = 0.0
+    """The protocol: the method's parameters (σp, scale, degradation, σy: those the models were trained with), the
+    knob grid, the teacher's solver, the batch and the noise seed."""
+
+    method: Method = dataclasses.field(default_factory=Method)
     knobs: tuple[float, ...] = DEFAULT_KNOBS
     teacher_method: str = "rk45"
     teacher_steps: int | None = None
     batch: int = 16
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if any(not 0.0 <= t <= 1.0 for t in self.knobs):
+            raise ValueError(f"evaluate.knobs must lie in [0, 1], got {self.knobs}")
+        if self.batch < 1:
+            raise ValueError(f"evaluate.batch must be >= 1, got {self.batch}")
 
 
 class Perceptual:
@@ -98,10 +105,11 @@ def evaluate(
         x1 = hr[i : i + settings.batch].to(device)
         b = x1.shape[0]
         gen = torch.Generator().manual_seed(settings.seed * 100_003 + i)
-        _, x_lr = degrade(x1.cpu(), settings.sf, settings.degradation, settings.sigma_y, gen)
+        m = settings.method
+        _, x_lr = degrade(x1.cpu(), m.sf, m.degradation, m.sigma_y, gen)
         x_lr = x_lr.to(device)
         eps = noise_from_seed(x1.shape[1:], [settings.seed * 1_000_003 + i + j for j in range(b)], device=device)
-        x0 = noisy_start(x_lr, settings.sigma_p, noise=eps)
+        x0 = noisy_start(x_lr, m.sigma_p, noise=eps)
         results: dict[tuple[str, float | None], torch.Tensor] = {("bicubic", None): x_lr}
         if teacher is not None:
             with evaluating(teacher):

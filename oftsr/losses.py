@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from oftsr.flow import as_time, interpolate
+from oftsr.solvers import rk2_velocity
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -114,8 +115,7 @@ def distill_online(
         xt = x0 + col(t) * vt.detach()
         first = _hi(teacher(torch.cat([xt, x0]), torch.cat([t, t_bound])))
         v1, v_bound_teacher = first[:b], first[b:]
-        v2 = _hi(teacher(xt + col(r * delta) * v1, t + r * delta))
-        v_bar = v1 + (v2 - v1) / (2.0 * r)
+        v_bar = _hi(rk2_velocity(teacher, xt, t, delta, r, v1=v1))
         target = _hi(vt.detach()) + col(delta / s) * (v_bar - _hi(vt.detach()))
 
     distil = _mean_pix((_hi(vs) - target).square())

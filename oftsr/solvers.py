@@ -54,11 +54,34 @@ def _grid(t0: float, t1: float, steps: int | None, time_grid: Sequence[float] | 
     return [t0 + (t1 - t0) * i / steps for i in range(steps + 1)]
 
 
+def rk2_velocity(
+    velocity: Velocity,
+    x: torch.Tensor,
+    t: float | torch.Tensor,
+    dt: float | torch.Tensor,
+    r: float,
+    v1: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The velocity of one second-order Runge-Kutta step with parameter ``r``: ``v1 = v(x, t)``,
+    ``v2 = v(x + r dt v1, t + r dt)``, ``v_bar = v1 + (v2 - v1) / (2 r)`` (the step is ``x + dt v_bar``).
+
+    ``t`` and ``dt`` are scalars or ``(B,)`` tensors; ``v1`` may be given when it was already evaluated (it is then
+    not evaluated again). The one teacher step of the solvers, the online distillation loss and the trajectory cache.
+    """
+    if isinstance(t, torch.Tensor):
+        col = dt.view(-1, *([1] * (x.ndim - 1))) if isinstance(dt, torch.Tensor) else dt
+        t_mid = t + r * dt
+    else:
+        col, t, t_mid = dt, _tvec(t, x), _tvec(t + r * dt, x)
+    if v1 is None:
+        v1 = velocity(x, t)
+    v2 = velocity(x + (r * col) * v1, t_mid)
+    return v1 + (v2 - v1) / (2.0 * r)
+
+
 def rk2_step(velocity: Velocity, x: torch.Tensor, t: float, dt: float, r: float) -> torch.Tensor:
-    """One second-order Runge-Kutta step with parameter ``r`` (2 evaluations)."""
-    v1 = velocity(x, _tvec(t, x))
-    v2 = velocity(x + (r * dt) * v1, _tvec(t + r * dt, x))
-    return x + dt * (v1 + (v2 - v1) / (2.0 * r))
+    """One second-order Runge-Kutta step with parameter ``r`` (2 evaluations): ``x + dt v_bar``."""
+    return x + dt * rk2_velocity(velocity, x, t, dt, r)
 
 
 def solve(

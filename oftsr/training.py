@@ -1,7 +1,9 @@
 """Optimisation steps for the teacher and the online-distilled student, in plain PyTorch (DESIGN sections 3-4).
 
-These are the bodies that the Ray Train loops and the local quickstart both call: one function per step, returning
-detached tensors (no host synchronisation inside the step). Schedules are counted in images.
+The training objective (teacher, online distillation, cached distillation) is built once before the loop, as EDM's
+loss classes are: each is a callable ``objective(net, batch, generator) -> {term: (B,)}`` with one signature, so the
+loop calls :func:`train_step` the same way for every stage and never branches on the stage kind. Schedules are
+counted in images.
 """
 
 from __future__ import annotations
@@ -62,98 +64,89 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _optimise(net: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, clip: float):
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    return grad_norm
+class TeacherObjective:
+    """The teacher's rectified-flow loss on a batch ``{"hr", "x_lr"}``: ``t ~ U[t_min, 1]``, fresh start noise."""
+
+    def __init__(self, *, sigma_p: float, t_min: float = 1e-3, kind: str = "l1"):
+        self.sigma_p, self.t_min, self.kind = sigma_p, t_min, kind
+
+    def __call__(self, net: nn.Module, batch: dict[str, torch.Tensor], generator=None) -> dict[str, torch.Tensor]:
+        hr, x_lr = batch["hr"], batch["x_lr"]
+        x0 = noisy_start(x_lr, self.sigma_p, generator)
+        t = self.t_min + (1.0 - self.t_min) * torch.rand(hr.shape[0], generator=generator, device=hr.device)
+        return {"loss": teacher_loss(conditioned(net, x_lr), x0, hr, t, kind=self.kind)}
 
 
-def teacher_step(
+class OnlineDistillObjective:
+    """OFTSR's distillation loss with the frozen ``teacher`` queried in the step (DESIGN section 4) on a batch
+    ``{"x_lr"}``: fresh start noise, ``t ~ U[t_min, t_max]``."""
+
+    def __init__(self, teacher: nn.Module, *, sigma_p: float, t_min: float = 0.01, t_max: float = 0.99, **loss):
+        self.teacher, self.sigma_p = teacher, sigma_p
+        self.loss = {"t_min": t_min, "t_max": t_max, **loss}
+
+    def __call__(self, net: nn.Module, batch: dict[str, torch.Tensor], generator=None) -> dict[str, torch.Tensor]:
+        x_lr = batch["x_lr"]
+        x0 = noisy_start(x_lr, self.sigma_p, generator)
+        t = sample_distill_times(
+            x0.shape[0], t_min=self.loss["t_min"], t_max=self.loss["t_max"], generator=generator, device=x0.device
+        )
+        return distill_online(conditioned(net, x_lr), conditioned(self.teacher, x_lr), x0, t, **self.loss)
+
+
+class CachedDistillObjective:
+    """Distillation from cached teacher targets (DESIGN section 5) on a batch ``{"x_lr", "x0", "t", "u_bar",
+    "v_bar", "v_bound"}``: no teacher call."""
+
+    def __init__(self, *, t_min: float = 0.01, t_max: float = 0.99, w_distil=1.0, w_bound=0.1, w_align=0.01, **_):
+        self.loss = {"t_min": t_min, "t_max": t_max, "w_distil": w_distil, "w_bound": w_bound, "w_align": w_align}
+
+    def __call__(self, net: nn.Module, batch: dict[str, torch.Tensor], generator=None) -> dict[str, torch.Tensor]:
+        keys = ("x0", "t", "u_bar", "v_bar", "v_bound")
+        return distill_cached(conditioned(net, batch["x_lr"]), *(batch[k] for k in keys), **self.loss)
+
+
+Objective = TeacherObjective | OnlineDistillObjective | CachedDistillObjective
+
+
+def train_step(
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
-    hr: torch.Tensor,
-    x_lr: torch.Tensor,
-    *,
-    sigma_p: float,
-    lr: float,
-    grad_clip: float = 1.0,
-    t_min: float = 1e-3,
-    loss_kind: str = "l1",
-    precision: str = "fp32",
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """One teacher update on ``hr`` / ``x_lr`` ``(B, 3, H, W)``: ``t ~ U[t_min, 1]``, fresh noise.
-
-    Returns detached ``{"loss", "grad_norm"}``.
-    """
-    x0 = noisy_start(x_lr, sigma_p, generator)
-    t = t_min + (1.0 - t_min) * torch.rand(hr.shape[0], generator=generator, device=hr.device)
-    with autocast(hr.device, precision):
-        loss = teacher_loss(conditioned(net, x_lr), x0, hr, t, kind=loss_kind).float().mean()
-    grad_norm = _optimise(net, optimizer, loss, lr, grad_clip)
-    return {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
-
-
-def distill_step(
-    student_net: nn.Module,
-    teacher_net: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x_lr: torch.Tensor,
-    *,
-    sigma_p: float,
-    lr: float,
-    grad_clip: float = 1.0,
-    precision: str = "fp32",
-    generator: torch.Generator | None = None,
-    **loss_kwargs,
-) -> dict[str, torch.Tensor]:
-    """One online distillation update (DESIGN section 4); the teacher must be frozen (eval, no grad).
-
-    Returns detached batch means of ``distil``, ``align``, ``bound``, ``total`` and the ``grad_norm``.
-    """
-    x0 = noisy_start(x_lr, sigma_p, generator)
-    t_min, t_max = loss_kwargs.get("t_min", 0.01), loss_kwargs.get("t_max", 0.99)
-    t = sample_distill_times(x0.shape[0], t_min=t_min, t_max=t_max, generator=generator, device=x0.device)
-    with autocast(x0.device, precision):
-        terms = distill_online(conditioned(student_net, x_lr), conditioned(teacher_net, x_lr), x0, t, **loss_kwargs)
-    loss = terms["total"].mean()
-    grad_norm = _optimise(student_net, optimizer, loss, lr, grad_clip)
-    out = {k: v.detach().mean() for k, v in terms.items()}
-    out["grad_norm"] = grad_norm.detach()
-    return out
-
-
-def distill_cached_step(
-    student_net: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    objective: Objective,
     batch: dict[str, torch.Tensor],
     *,
     lr: float,
     grad_clip: float = 1.0,
     precision: str = "fp32",
-    **loss_kwargs,
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One distillation update from cached teacher targets (DESIGN section 5): no teacher call.
+    """One update of ``net`` on ``objective``'s per-sample loss (its ``total`` term, or its only term), batch mean.
 
-    ``batch`` holds ``x_lr``, ``x0``, ``t`` ``(B,)``, ``u_bar``, ``v_bar``, ``v_bound``.
+    Returns detached batch means of every term and the ``grad_norm`` (no host synchronisation).
     """
-    loss_kwargs = {k: v for k, v in loss_kwargs.items() if k not in ("dt", "r")}
-    with autocast(batch["x0"].device, precision):
-        terms = distill_cached(
-            conditioned(student_net, batch["x_lr"]),
-            batch["x0"],
-            batch["t"],
-            batch["u_bar"],
-            batch["v_bar"],
-            batch["v_bound"],
-            **loss_kwargs,
-        )
-    loss = terms["total"].mean()
-    grad_norm = _optimise(student_net, optimizer, loss, lr, grad_clip)
-    out = {k: v.detach().mean() for k, v in terms.items()}
+    device = next(iter(batch.values())).device
+    with autocast(device, precision):
+        terms = objective(net, batch, generator)
+    loss = terms.get("total", next(iter(terms.values()))).float().mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    out = {k: v.detach().float().mean() for k, v in terms.items()}
     out["grad_norm"] = grad_norm.detach()
     return out
+
+
+def teacher_step(net, optimizer, hr, x_lr, *, sigma_p: float, lr: float, t_min: float = 1e-3, loss_kind="l1", **kw):
+    """:func:`train_step` on :class:`TeacherObjective` (for scripts and benchmarks)."""
+    objective = TeacherObjective(sigma_p=sigma_p, t_min=t_min, kind=loss_kind)
+    return train_step(net, optimizer, objective, {"hr": hr, "x_lr": x_lr}, lr=lr, **kw)
+
+
+def distill_step(student_net, teacher_net, optimizer, x_lr, *, sigma_p: float, lr: float, **kw):
+    """:func:`train_step` on :class:`OnlineDistillObjective`; loss keywords (``dt``, ``r``, weights, range) pass on."""
+    step_kw = {k: kw.pop(k) for k in ("grad_clip", "precision", "generator") if k in kw}
+    objective = OnlineDistillObjective(teacher_net, sigma_p=sigma_p, **kw)
+    return train_step(student_net, optimizer, objective, {"x_lr": x_lr}, lr=lr, **step_kw)

@@ -17,7 +17,7 @@ from torch import nn
 from oftsr.conventions import uint8_to_image
 from oftsr.degrade import degrade
 from oftsr.flow import conditioned, noise_from_seed, noisy_start
-from oftsr.solvers import solve
+from oftsr.solvers import rk2_velocity, solve
 
 
 def sample_seed(cache_seed: int, key: str, crop_index: int, seed_index: int) -> int:
@@ -85,9 +85,7 @@ def teacher_targets(
     rows_per_call = max(b, (chunk // b) * b)
     for i in range(0, k * b, rows_per_call):
         xs, ts, ds = flat[i : i + rows_per_call], t_flat[i : i + rows_per_call], delta[i : i + rows_per_call]
-        v1 = v(xs, ts)
-        v2 = v(xs + (r * ds).view(-1, 1, 1, 1) * v1, ts + r * ds)
-        v_bar[i : i + rows_per_call] = v1 + (v2 - v1) / (2.0 * r)
+        v_bar[i : i + rows_per_call] = rk2_velocity(v, xs, ts, ds, r)
     v_bound = v(x0, torch.full((b,), t_min, device=x0.device))
     return {
         "u_bar": u_bar,

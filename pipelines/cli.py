@@ -6,252 +6,20 @@ import argparse
 import os
 import sys
 
-
-def _quickstart(args: argparse.Namespace) -> int:
-    from pipelines.local_teacher import LocalTeacherConfig, run
-
-    cfg = LocalTeacherConfig(
-        out_dir=args.out, photos_dir=args.photos, steps=args.steps, batch=args.batch, threads=args.threads
-    )
-    if args.dry_run:
-        print(cfg)
-        return 0
-    run(cfg)
-    return 0
-
-
-def _key_values(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
-        out[key] = value
-    return out
-
-
-def _manifest(args: argparse.Namespace) -> int:
-    import time
-
-    from pipelines.data.manifest import list_images, manifest_hash, write_manifest
-
-    options = _key_values(args.storage_option)
-    start = time.perf_counter()
-    rows = list_images(args.uri, options, workers=args.workers)
-    write_manifest(rows, args.output, options)
-    total = sum(r["size"] for r in rows)
-    print(
-        f"{len(rows)} images, {total / 1e6:.1f} MB, hash {manifest_hash(rows)}, listed in "
-        f"{time.perf_counter() - start:.1f} s -> {args.output}"
-    )
-    return 0
-
-
-def _ensure_samples(source: str | None) -> None:
-    """The embedded default reads the sample photos: export them (train / held-out split) on first use."""
-    from pipelines.recipes import SAMPLE_PHOTOS
-
-    if source and source.startswith(SAMPLE_PHOTOS):
-        from oftsr.samples import export_sample_split
-
-        export_sample_split(SAMPLE_PHOTOS)
-
-
-def _run(args: argparse.Namespace) -> int:
-    import json
-
-    from pipelines.overrides import apply_overrides, flatten, parse_sets
-    from pipelines.recipes import RECIPES, pipeline
-
-    if args.recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {args.recipe!r}; available: {sorted(RECIPES)}")
-    cfg = apply_overrides(pipeline(args.recipe), parse_sets(args.set))
-    if args.dry_run:
-        print(json.dumps(flatten(cfg), indent=2, default=str))
-        return 0
-    from pipelines.pipeline import run_pipeline
-
-    _ensure_samples(cfg.teacher.data.source)
-    summary = run_pipeline(cfg)
-    print(json.dumps({k: summary[k] for k in ("run_id", "curve", "trend")}, default=str))
-    return 0
-
-
-def _stage(args: argparse.Namespace) -> int:
-    import json
-
-    from pipelines.overrides import apply_overrides, flatten, parse_sets
-    from pipelines.recipes import recipe
-
-    cfg = apply_overrides(recipe(args.recipe, args.command), parse_sets(args.set))
-    if args.dry_run:
-        print(json.dumps(flatten(cfg), indent=2, default=str))
-        return 0
-    from pipelines.stages import run_stage
-
-    _ensure_samples(cfg.data.source)
-    result = run_stage(cfg)
-    print(json.dumps({k: result[k] for k in ("run_id", "checkpoint", "images_seen")}, default=str))
-    return 0
-
-
-def _trajectories(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-
-    from pipelines.overrides import apply_overrides, flatten, parse_sets
-    from pipelines.recipes import recipe
-
-    cfg = apply_overrides(recipe(args.recipe, "trajectories"), parse_sets(args.set))
-    if args.dry_run:
-        print(json.dumps(flatten(cfg), indent=2, default=str))
-        return 0
-    from pipelines.cache.stage import run_trajectories
-    from pipelines.stages import absolute
-
-    _ensure_samples(cfg.data.source)
-    cfg = dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(cfg.data, source=absolute(cfg.data.source), manifest=absolute(cfg.data.manifest)),
-        teacher=absolute(cfg.teacher),
-        out=absolute(cfg.out),
-        tracking=cfg.tracking.resolved(),
-    )
-    result = run_trajectories(cfg, max_shards=args.max_shards)
-    print(json.dumps({k: result.get(k) for k in ("uri", "rows", "complete")}))
-    return 0 if result["complete"] or args.max_shards else 1
-
-
-def _cache(args: argparse.Namespace) -> int:
-    import json
-
-    from pipelines.cache.store import list_caches, verify_cache
-
-    options = _key_values(args.storage_option)
-    if args.action == "ls":
-        caches = list_caches(args.uri, options)
-        for c in caches:
-            state = (
-                f"{c['rows']} rows, {c['bytes'] / 1e6:.1f} MB"
-                if c["complete"]
-                else (f"INCOMPLETE ({c['shards_done']} shards, no manifest)")
-            )
-            print(f"{c['uri']}  {state}")
-            if c["complete"] and args.verbose:
-                print(json.dumps(c["key"], indent=2))
-        if not caches:
-            print(f"no caches under {args.uri}")
-        return 0
-    report = verify_cache(args.uri, options)
-    print(f"ok: {report['shards']} shards, {report['rows']} rows, {report['bytes'] / 1e6:.1f} MB in {report['uri']}")
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from oftsr.evaluation import EvalSettings, evaluate, write_report
-    from pipelines.pipeline import EvalConfig, held_out_crops
-    from pipelines.registry import load_model
-
-    student, meta = load_model(args.student, tracking_uri=args.tracking_uri)
-    teacher = load_model(args.teacher, tracking_uri=args.tracking_uri)[0] if args.teacher else None
-    cfg = EvalConfig(source=args.source, crop=args.crop, crops_per_image=args.crops_per_image, knobs=tuple(args.knobs))
-    hr, skipped = held_out_crops(cfg)
-    for item in skipped:
-        print(f"skipped {item}", file=sys.stderr)
-    settings = EvalSettings(
-        sigma_p=float(meta["sigma_p"]),
-        sf=int(meta["sf"]),
-        degradation=meta["degradation"],
-        knobs=cfg.knobs,
-        teacher_method="midpoint" if args.teacher_steps else "rk45",
-        teacher_steps=args.teacher_steps or None,
-    )
-    report = evaluate(hr, settings, student=student, teacher=teacher)
-    paths = write_report(report, args.out)
-    print((paths["markdown"]).read_text(), end="")
-    print(f"curve: {paths['curve']}")
-    if args.run_id:
-        from pipelines.tracking import client
-
-        for path in paths.values():
-            client(args.tracking_uri).log_artifact(args.run_id, str(path), "evaluation")
-    return 0
-
-
-def _upscale(args: argparse.Namespace) -> int:
-    from pipelines.upscale import run_upscale
-
-    run_upscale(
-        args.inputs,
-        args.output,
-        args.t,
-        model=args.model,
-        tracking_uri=args.tracking_uri,
-        tile=args.tile,
-        force=args.force,
-        device=args.device,
-        seed=args.seed,
-    )
-    return 0
-
-
-def _submit(args: argparse.Namespace) -> int:
-    from pipelines import submit
-
-    job_id = submit.submit(
-        args.address,
-        args.target,
-        args.recipe,
-        args.set,
-        num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus,
-        job_id=args.job_id,
-    )
-    print(job_id, flush=True)
-    if not args.wait:
-        return 0
-    final = submit.wait(args.address, job_id, follow=not args.quiet)
-    print(f"job {job_id}: {final}", file=sys.stderr)
-    return submit.EXIT_CODES[final]
-
-
-def _jobs(args: argparse.Namespace) -> int:
-    from pipelines import submit
-
-    if args.action == "status":
-        state = submit.status(args.address, args.job_id)
-        print(state)
-        return submit.EXIT_CODES[state]
-    if args.action == "logs":
-        print(submit.logs(args.address, args.job_id), end="")
-        return 0
-    if args.action == "wait":
-        state = submit.wait(args.address, args.job_id, follow=False)
-        print(state)
-        return submit.EXIT_CODES[state]
-    stopped = submit.stop(args.address, args.job_id)
-    print("stopped" if stopped else "not running")
-    return 0
-
-
-def _tracking(args: argparse.Namespace) -> int:
-    from pipelines.tracking import replay_spool
-
-    total = 0
-    for path in args.files:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such spool file")
-        total += replay_spool(args.tracking_uri, path)
-    print(f"sent {total} record{'s' if total != 1 else ''} from {len(args.files)} spool file(s) to {args.tracking_uri}")
-    return 0
-
-
-def _samples(args: argparse.Namespace) -> int:
-    from oftsr.samples import export_sample_photos
-
-    paths = export_sample_photos(args.folder)
-    print(f"{len(paths)} sample photos in {args.folder} (licences in LICENSES.md)")
-    return 0
+from pipelines.commands import (
+    _cache,
+    _evaluate,
+    _jobs,
+    _manifest,
+    _quickstart,
+    _run,
+    _samples,
+    _stage,
+    _submit,
+    _tracking,
+    _upscale,
+)
+from pipelines.tracking import default_tracking_uri
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,26 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_command(
         "run",
         "the whole pipeline: teacher, (trajectories,) distill, evaluate, register",
-        "--set teacher.total_images=3200 --set distill.targets=cached",
+        "--set method.sigma_p=0.3 --set distill.targets=online",
         _run,
     )
     recipe_command(
         "teacher",
         "train the conditional rectified-flow teacher (Ray Train)",
-        "--set optim.lr=3e-4 --set workers=4",
+        "--set teacher.optim.lr=3e-4 --set teacher.workers=4",
         _stage,
     )
     recipe_command(
         "distill",
         "distill the teacher into the one-step student (Ray Train)",
-        "--set targets=cached --set cache=URI",
+        "--set distill.targets=cached --set distill.cache=URI",
         _stage,
     )
     t = recipe_command(
         "trajectories",
         "precompute the teacher-trajectory cache (Ray Data actor pool)",
-        "--set points_per_sample=6",
-        _trajectories,
+        "--set trajectories.points_per_sample=6",
+        _stage,
     )
     t.add_argument("--max-shards", type=int, default=0, help="stop after this many new shards (0: all)")
 
@@ -325,11 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--teacher", default=None, help="the teacher, same forms (optional)")
     ev.add_argument("--source", required=True, help="held-out images: folder, s3:// prefix")
     ev.add_argument("-o", "--out", default="outputs/evaluation", help="report folder (default: %(default)s)")
-    ev.add_argument("--crop", type=int, default=64, help="HR crop size (default: %(default)s)")
+    ev.add_argument("--crop", type=int, default=0, help="HR crop size (default: the crop the student was trained on)")
     ev.add_argument("--crops-per-image", type=int, default=8, help="crops per held-out image (default: 8)")
     ev.add_argument("--knobs", type=float, nargs="+", default=[round(0.1 * i, 1) for i in range(11)])
     ev.add_argument("--teacher-steps", type=int, default=0, help="midpoint steps for the teacher (0: adaptive RK45)")
-    ev.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    ev.add_argument("--tracking-uri", default=default_tracking_uri())
     ev.add_argument("--run-id", default=None, help="also log the report to this MLflow run")
     ev.set_defaults(func=_evaluate)
 
@@ -344,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument(
         "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+        default=default_tracking_uri(),
         help="MLflow tracking/registry URI for models:/ (default: $MLFLOW_TRACKING_URI or %(default)s)",
     )
     u.add_argument("--tile", type=int, default=0, help="HR tile size (default: the model's training crop)")
@@ -375,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("tracking", help="re-send MLflow records kept in a spool file during a tracking outage")
     tr.add_argument("action", choices=["replay"])
     tr.add_argument("files", nargs="+", help="spool files (<run id>.jsonl) named by the warning of the run")
-    tr.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    tr.add_argument("--tracking-uri", default=default_tracking_uri())
     tr.set_defaults(func=_tracking)
 
     s = sub.add_parser("samples", help="export the sample photos shipped in installed wheels as PNGs")
@@ -384,8 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Deprecation and future warnings raised inside Ray, MLflow and other libraries are theirs to fix, not the user's:
+    hidden unless ``--verbose`` (our own calls raise none: the tests turn them into errors)."""
+    import logging
+    import warnings
+
+    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", module="(ray|mlflow|pydantic|torchvision|lpips|stlpips)")
+    for name in ("mlflow", "alembic", "ray", "urllib3", "botocore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.add_argument("-v", "--verbose", action="store_true", help="Ray's and the libraries' own logs on the console")
+    args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ["OFTSR_VERBOSE"] = "1"
+    else:
+        quiet_libraries()
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError, ConnectionError, TimeoutError, KeyError, LookupError) as err:

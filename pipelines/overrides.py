@@ -105,13 +105,13 @@ def apply_overrides(cfg: Any, overrides: dict[str, str], _prefix: str = "") -> A
     return dataclasses.replace(cfg, **direct)
 
 
-def parse_sets(pairs: list[str]) -> dict[str, str]:
+def parse_sets(pairs: list[str], flag: str = "--set") -> dict[str, str]:
     """``["a.b=1", "c=x"]`` to ``{"a.b": "1", "c": "x"}``; a pair without ``=`` raises ``ValueError``."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+            raise ValueError(f"{flag} expects KEY=VALUE, got {pair!r}")
         out[key.strip()] = value
     return out
 

@@ -15,48 +15,14 @@ import torch
 
 from oftsr.augment import random_box
 from oftsr.conventions import uint8_to_image
-from oftsr.evaluation import DEFAULT_KNOBS, EvalSettings, evaluate, knob_trend, strip, write_report
-from pipelines.cache.config import TrajectoryConfig
+from oftsr.evaluation import evaluate, knob_trend, strip, write_report
 from pipelines.data.decode import DecodeError
 from pipelines.data.manifest import list_images
 from pipelines.data.storage import filesystem, join_uri
 from pipelines.data.transforms import crop_array, fetch_image
-from pipelines.train.config import StageConfig, TrackingConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """Held-out evaluation: deterministic crops of the images under ``source``."""
-
-    source: str
-    crop: int = 64
-    crops_per_image: int = 8
-    max_images: int = 100
-    knobs: tuple[float, ...] = DEFAULT_KNOBS
-    teacher_method: str = "rk45"
-    teacher_steps: int | None = None
-    batch: int = 16
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.crop < 1 or self.crops_per_image < 1 or self.max_images < 1:
-            raise ValueError("evaluate.crop, evaluate.crops_per_image and evaluate.max_images must be >= 1")
-        if any(not 0.0 <= t <= 1.0 for t in self.knobs):
-            raise ValueError(f"evaluate.knobs must lie in [0, 1], got {self.knobs}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    name: str
-    teacher: StageConfig
-    distill: StageConfig
-    trajectories: TrajectoryConfig
-    evaluate: EvalConfig
-    out: str = "outputs/pipeline"
-    register: bool = True
-    teacher_model: str = "oftsr-teacher"
-    student_model: str = "oftsr-student"
-    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+from pipelines.tracking import TrackingConfig, run_key
+from pipelines.train.config import StageConfig
+from pipelines.tree import EvalConfig, PipelineConfig
 
 
 def _finished(cfg: StageConfig) -> str | None:
@@ -87,157 +53,81 @@ def held_out_crops(cfg: EvalConfig, storage_options=None) -> tuple[torch.Tensor,
         except DecodeError as err:
             skipped.append(f"{key}: {err}")
             continue
-        if min(img.shape[:2]) < cfg.crop:
-            skipped.append(f"{key}: smaller than {cfg.crop}")
+        if min(img.shape[:2]) < cfg.method.crop:
+            skipped.append(f"{key}: smaller than {cfg.method.crop}")
             continue
         name = key[len(prefix) :] if key.startswith(prefix) else key.rsplit("/", 1)[-1]
         gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{name}".encode()))  # torch keeps 32 bits
         for _ in range(cfg.crops_per_image):
-            box = random_box(img.shape[0], img.shape[1], cfg.crop, p_hflip=0, p_vflip=0, generator=gen)
+            box = random_box(img.shape[0], img.shape[1], cfg.method.crop, p_hflip=0, p_vflip=0, generator=gen)
             crops.append(crop_array(img, box))
     if not crops:
         raise ValueError(f"no usable held-out images under {cfg.source}")
     return uint8_to_image(torch.stack(crops)), skipped
 
 
-def _with_parent(stage, tracking: TrackingConfig, parent: str):
-    return dataclasses.replace(stage, tracking=dataclasses.replace(tracking, parent_run_id=parent))
-
-
 def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
-    from pipelines.overrides import flatten
-    from pipelines.registry import log_and_register
-    from pipelines.stages import absolute, run_stage
-    from pipelines.tracking import (
-        MetricLogger,
-        check_reachable,
-        client,
-        finish_run,
-        git_commit,
-        run_key,
-        start_or_resume_run,
-    )
-    from pipelines.train.checkpoint import read_checkpoint
+    from pipelines.stage import prepare, tracked_run
 
     tracking = cfg.tracking.resolved()
-    check_reachable(tracking.tracking_uri)
+    prepare(tracking, None)
+    shown = {k: v for k, v in cfg.shown().items() if not k.startswith(("teacher.", "distill.", "trajectories."))}
+    # The resume key is the recipe and its output folder as configured: the same in a re-submitted job's new pod.
+    with tracked_run(
+        "pipeline",
+        tracking,
+        key=(cfg.name, cfg.out),
+        run_name=cfg.name,
+        params=shown,
+        tags={"oftsr.recipe": cfg.name},
+        log=log,
+    ) as run:
+        return _run(
+            cfg, dataclasses.replace(tracking, parent_run_id=run.run_id), run_key("pipeline", cfg.name, cfg.out), log
+        )
+
+
+def _stage(cfg: StageConfig, log) -> tuple[str, str | None]:
+    """``(final checkpoint, MLflow run id)``: a finished stage is reused (no run id), else run or resumed."""
+    from pipelines.train.driver import run_stage
+
+    done = _finished(cfg)
+    if done:
+        log(f"{cfg.stage}: reusing the finished checkpoint {done}")
+        return done, None
+    res = run_stage(cfg, log=log)
+    return res["checkpoint"], res["run_id"]
+
+
+def _run(cfg: PipelineConfig, tracking: TrackingConfig, key: str, log) -> dict[str, Any]:
+    from pipelines.train.checkpoint import read_checkpoint
+    from pipelines.train.driver import absolute
+
+    parent = tracking.parent_run_id
     out = Path(absolute(cfg.out))
-    key = run_key("pipeline", cfg.name, str(out))
-    parent, resumed = start_or_resume_run(
-        tracking.tracking_uri,
-        tracking.experiment,
-        key=key,
-        run_name=f"pipeline:{cfg.name}",
-        params={k: v for k, v in flatten(cfg).items() if not k.startswith(("teacher.", "distill.", "trajectories."))},
-        tags={"oftsr.stage": "pipeline", "oftsr.git_commit": git_commit(), "oftsr.recipe": cfg.name},
-    )
-    log(f"pipeline {cfg.name}: MLflow run {parent} ({'resumed' if resumed else 'new'})")
-    plog = MetricLogger(tracking.tracking_uri, parent)
-    c = client(tracking.tracking_uri)
-
-    def stage(stage_cfg: StageConfig) -> tuple[str, str | None]:
-        """``(final checkpoint, MLflow run id)``: a finished stage is reused (no run id), else run or resumed."""
-        done = _finished(stage_cfg)
-        if done:
-            log(f"{stage_cfg.stage}: reusing the finished checkpoint {done}")
-            return done, None
-        res = run_stage(stage_cfg, log=log)
-        return res["checkpoint"], res["run_id"]
-
-    # 1-2. teacher
-    teacher_ckpt, teacher_run = stage(_with_parent(cfg.teacher, tracking, parent))
-
-    # 3. trajectories (cached targets only)
-    distill_cfg = dataclasses.replace(cfg.distill, teacher=teacher_ckpt)
+    teacher_ckpt, teacher_run = _stage(dataclasses.replace(cfg.stage("teacher"), tracking=tracking), log)
+    distill_cfg = dataclasses.replace(cfg.stage("distill"), teacher=teacher_ckpt, tracking=tracking)
     if distill_cfg.targets == "cached":
         from pipelines.cache.stage import run_trajectories
 
-        tcfg = _with_parent(dataclasses.replace(cfg.trajectories, teacher=teacher_ckpt), tracking, parent)
-        cache = run_trajectories(tcfg, log=log)
-        distill_cfg = dataclasses.replace(distill_cfg, cache=cache["uri"])
+        tcfg = dataclasses.replace(cfg.stage("trajectories"), teacher=teacher_ckpt, tracking=tracking)
+        distill_cfg = dataclasses.replace(distill_cfg, cache=run_trajectories(tcfg, log=log)["uri"])
+    student_ckpt, distill_run = _stage(distill_cfg, log)
 
-    # 4. distill
-    student_ckpt, distill_run = stage(_with_parent(distill_cfg, tracking, parent))
-
-    # 5. evaluate
     from oftsr.nets import UNet
 
     nets = {}
     for name, path in (("teacher", teacher_ckpt), ("student", student_ckpt)):
-        ckpt = read_checkpoint(path, cfg.distill.data.storage_options)
+        ckpt = read_checkpoint(path, cfg.data.storage_options)
         nets[name] = UNet(ckpt["unet"])
         nets[name].load_state_dict(ckpt["ema"])
-    hr, skipped = held_out_crops(cfg.evaluate, cfg.distill.data.storage_options)
-    d = cfg.distill.data
-    settings = EvalSettings(
-        sigma_p=cfg.distill.sigma_p,
-        sf=d.sf,
-        degradation=d.degradation,
-        sigma_y=d.sigma_y,
-        knobs=cfg.evaluate.knobs,
-        teacher_method=cfg.evaluate.teacher_method,
-        teacher_steps=cfg.evaluate.teacher_steps,
-        batch=cfg.evaluate.batch,
-        seed=cfg.evaluate.seed,
-    )
-    log(f"evaluate: {hr.shape[0]} held-out crops, knobs {list(settings.knobs)}")
-    report = evaluate(hr, settings, student=nets["student"], teacher=nets["teacher"])
-    report["skipped"] = skipped
-    paths = write_report(report, out / "evaluation", title=f"{cfg.name}: fidelity-realism curve")
-    _strip_png(nets["student"], hr[:4], settings, out / "evaluation" / "strip.png")
-    metric = report["perceptual"]
-    flat = {}
-    for r in report["rows"]:
-        label = r["method"] if r["t"] is None else f"student_t{r['t']:.1f}"
-        flat.update({f"eval/{label}/{m}": r[m] for m in ("psnr", "ssim", metric, "fid") if m in r})
-    plog.log(flat, step=0)
-    for p in (*paths.values(), out / "evaluation" / "strip.png"):
-        c.log_artifact(parent, str(p), "evaluation")
-    trend = knob_trend(report)
-    log((out / "evaluation" / "evaluation.md").read_text())
-
-    # 6. register
-    registered = {}
-    if cfg.register:
-        teacher_row = next(r for r in report["rows"] if r["method"] == "teacher")
-        meta_common = {
-            "recipe": cfg.name,
-            "sigma_p": cfg.distill.sigma_p,
-            "degradation": d.degradation,
-            "sf": d.sf,
-            "crop": d.crop,
-            "pipeline_key": key,
-        }
-        for kind, net, run_id, score, name in (
-            ("teacher", nets["teacher"], teacher_run, teacher_row[metric], cfg.teacher_model),
-            ("student", nets["student"], distill_run, trend.get(f"{metric}_t1"), cfg.student_model),
-        ):
-            existing = [
-                v for v in c.search_model_versions(f"name = '{name}'") if v.tags.get("oftsr.pipeline_key") == key
-            ]
-            if existing:
-                registered[kind] = {"version": existing[0].version, "reused": True}
-                continue
-            meta = {
-                **meta_common,
-                "kind": kind,
-                "knob_min": 0.0,
-                "knob_max": 1.0,
-                "nfe": teacher_row["nfe"] if kind == "teacher" else 1,
-            }
-            registered[kind] = log_and_register(
-                tracking_uri=tracking.tracking_uri, run_id=run_id or parent, name=name, net=net, meta=meta, score=score
-            )
-            log(
-                f"register: {name} version {registered[kind]['version']}"
-                f"{' (champion)' if registered[kind]['champion'] else ''}"
-            )
-    finish_run(tracking.tracking_uri, parent)
+    report, paths = _evaluate(cfg, nets, out, tracking, log)
+    registered = _register(cfg, nets, report, tracking, key, {"teacher": teacher_run, "student": distill_run}, log)
     summary = {
         "run_id": parent,
         "teacher": teacher_ckpt,
         "student": student_ckpt,
-        "trend": trend,
+        "trend": knob_trend(report),
         "evaluation": str(paths["markdown"]),
         "curve": str(paths["curve"]),
         "registered": registered,
@@ -246,7 +136,73 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
     return summary
 
 
-def _strip_png(student, hr: torch.Tensor, settings: EvalSettings, path: Path) -> None:
+def _evaluate(cfg: PipelineConfig, nets, out: Path, tracking: TrackingConfig, log):
+    from pipelines.metric_logger import MetricLogger
+    from pipelines.tracking import client
+
+    parent = tracking.parent_run_id
+    hr, skipped = held_out_crops(cfg.evaluate, cfg.data.storage_options)
+    log(f"evaluate: {hr.shape[0]} held-out crops, knobs {list(cfg.evaluate.knobs)}")
+    report = evaluate(hr, cfg.evaluate, student=nets["student"], teacher=nets["teacher"])
+    report["skipped"] = skipped
+    folder = out / "evaluation"
+    paths = write_report(report, folder, title=f"{cfg.name}: fidelity-realism curve")
+    _strip_png(nets["student"], hr[:4], cfg.method, folder / "strip.png")
+    metric = report["perceptual"]
+    flat = {}
+    for r in report["rows"]:
+        label = r["method"] if r["t"] is None else f"student_t{r['t']:.1f}"
+        flat.update({f"eval/{label}/{m}": r[m] for m in ("psnr", "ssim", metric, "fid") if m in r})
+    MetricLogger(tracking.tracking_uri, parent).log(flat, step=0)
+    c = client(tracking.tracking_uri)
+    for p in (*paths.values(), folder / "strip.png"):
+        c.log_artifact(parent, str(p), "evaluation")
+    log((folder / "evaluation.md").read_text())
+    return report, paths
+
+
+def _register(cfg: PipelineConfig, nets, report, tracking: TrackingConfig, key: str, runs, log) -> dict[str, Any]:
+    """Teacher and student in the registry, once per pipeline (a resumed pipeline finds its versions by ``key``)."""
+    from pipelines.registry import log_and_register
+    from pipelines.tracking import client
+
+    if not cfg.register:
+        return {}
+    c = client(tracking.tracking_uri)
+    metric, trend = report["perceptual"], knob_trend(report)
+    teacher_row = next(r for r in report["rows"] if r["method"] == "teacher")
+    registered = {}
+    for kind, name, score in (
+        ("teacher", cfg.teacher_model, teacher_row[metric]),
+        ("student", cfg.student_model, trend.get(f"{metric}_t1")),
+    ):
+        existing = [v for v in c.search_model_versions(f"name = '{name}'") if v.tags.get("oftsr.pipeline_key") == key]
+        if existing:
+            registered[kind] = {"version": existing[0].version, "reused": True}
+            continue
+        meta = {
+            "recipe": cfg.name,
+            **cfg.method.to_dict(),
+            "pipeline_key": key,
+            "kind": kind,
+            "knob_min": 0.0,
+            "knob_max": 1.0,
+            "nfe": teacher_row["nfe"] if kind == "teacher" else 1,
+        }
+        registered[kind] = log_and_register(
+            tracking_uri=tracking.tracking_uri,
+            run_id=runs[kind] or tracking.parent_run_id,
+            name=name,
+            net=nets[kind],
+            meta=meta,
+            score=score,
+        )
+        champion = " (champion)" if registered[kind]["champion"] else ""
+        log(f"register: {name} version {registered[kind]['version']}{champion}")
+    return registered
+
+
+def _strip_png(student, hr: torch.Tensor, method, path: Path) -> None:
     """Rows of LR (nearest) | t = 0 | t = 1 | HR."""
     from PIL import Image
 
@@ -254,9 +210,9 @@ def _strip_png(student, hr: torch.Tensor, settings: EvalSettings, path: Path) ->
     from oftsr.flow import conditioned, noisy_start
     from oftsr.infer import evaluating, one_step
 
-    lr, x_lr = degrade(hr, settings.sf, settings.degradation)
-    x0 = noisy_start(x_lr, settings.sigma_p, torch.Generator().manual_seed(0))
-    nearest = torch.nn.functional.interpolate(lr, scale_factor=settings.sf, mode="nearest")
+    lr, x_lr = degrade(hr, method.sf, method.degradation, method.sigma_y, torch.Generator().manual_seed(1))
+    x0 = noisy_start(x_lr, method.sigma_p, torch.Generator().manual_seed(0))
+    nearest = torch.nn.functional.interpolate(lr, scale_factor=method.sf, mode="nearest")
     with evaluating(student):
         v = conditioned(student, x_lr)
         lo, hi = one_step(v, x0, 0.0), one_step(v, x0, 1.0)

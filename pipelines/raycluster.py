@@ -41,12 +41,24 @@ def forget_stale_cluster(record: str = CURRENT_CLUSTER_FILE) -> str | None:
     return None
 
 
+def verbose() -> bool:
+    """``oftsr --verbose`` (or ``OFTSR_VERBOSE=1``): Ray's and the libraries' own logs on the console."""
+    return os.environ.get("OFTSR_VERBOSE", "") not in ("", "0")
+
+
 def ensure_ray(**kwargs) -> None:
-    """``ray.init`` once, choosing the cluster as described above."""
+    """``ray.init`` once, choosing the cluster as described above. Unless :func:`verbose`, the workers' output and
+    Ray's own messages stay in the session's log files (``/tmp/ray/session_latest/logs``), not on the console."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    if not verbose():
+        kwargs = {"log_to_driver": False, "logging_level": logging.WARNING, **kwargs}
+        for name in ("ray", "ray.data", "ray.train"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
         return

@@ -222,10 +222,7 @@ def load_model(uri: str, *, tracking_uri: str | None = None) -> tuple[UNet, dict
     net = UNet(ckpt["unet"])
     net.load_state_dict(ckpt["ema"])
     stage = ckpt["stage"]
-    meta = {
-        "kind": "student" if stage.get("stage") == "distill" else "teacher",
-        "sigma_p": stage.get("sigma_p", 0.2),
-        "sf": stage.get("sf", 4),
-        "degradation": stage.get("degradation", "bicubic"),
-    }
+    # everything the checkpoint records (the method's parameters included: evaluate and upscale read them here)
+    meta = {k: v for k, v in stage.items() if k != "stage"}
+    meta["kind"] = "student" if stage.get("stage") == "distill" else "teacher"
     return net.eval(), meta

@@ -109,21 +109,21 @@ def stop_process_group(proc, sig=None) -> None:
 def stage_config(stage: str, root, **sets):
     """The quickstart ``stage`` config on the sample photos under ``root`` (folder ``photos``), with Ray results
     under ``root/ray``, MLflow in ``root/mlflow.db``, and ``sets`` as ``--set`` overrides."""
-    from pipelines.overrides import apply_overrides
-    from pipelines.recipes import recipe
+    from pipelines.recipes import pipeline
+    from pipelines.tree import with_overrides
 
-    base = {
+    shared = {
         "data.source": str(root / "photos"),
         "data.crops_per_image": "4",
-        "storage_path": str(root / "ray"),
         "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-        "log_every_images": "64",
-        "sample_grid": "2",
     }
+    own = {"storage_path": str(root / "ray"), "log_every_images": "64", "sample_grid": "2"}
     if stage == "distill":
-        base["teacher"] = str(root / "ray" / "quickstart-teacher")
-    base.update({k: str(v) for k, v in sets.items()})
-    return apply_overrides(recipe("quickstart", stage), base)
+        own["teacher"] = str(root / "ray" / "quickstart-teacher")
+    own.update({k: str(v) for k, v in sets.items()})
+    top = ("data.", "tracking.", "method.")
+    base = {**shared, **{(k if k.startswith(top) else f"{stage}.{k}"): v for k, v in own.items()}}
+    return with_overrides(pipeline("quickstart"), base, stage).stage(stage)
 
 
 def photo_workdir(tmp_path_factory, name: str):

@@ -8,8 +8,9 @@ import itertools
 import json
 from typing import Any, Literal
 
+from oftsr.method import Method
 from pipelines.data.config import DataConfig
-from pipelines.train.config import TrackingConfig
+from pipelines.tracking import TrackingConfig
 
 #: 0.01, then every 0.05 from 0.05 to 0.95, then 0.99: 21 points.
 DEFAULT_GRID: tuple[float, ...] = (0.01, *[round(0.05 * i, 2) for i in range(1, 20)], 0.99)
@@ -21,17 +22,18 @@ class TrajectoryConfig:
 
     run_name: str
     data: DataConfig
-    teacher: str  # teacher checkpoint folder / run folder / URI, or a registered model (models:/NAME@ALIAS)
+    teacher: str | None = (
+        None  # teacher checkpoint folder / run folder / URI, or a registered model (models:/NAME@ALIAS)
+    )
     out: str = "outputs/cache"  # caches live under OUT/trajectories/<hash>/
     storage_shared: bool = False  # a local OUT that every node mounts
-    sigma_p: float = 0.2
+    method: Method = dataclasses.field(default_factory=Method)  # sigma_p, t_min, t_max; in a recipe tree, its method
+    crops_per_image: int = 4  # crops cached per image (data.crops_per_image is for online training)
     grid: tuple[float, ...] = DEFAULT_GRID
     points_per_sample: int = 0  # grid points stored per sample (0: all), chosen from the sample's seed
     dt: float = 0.05  # teacher step for v_bar (as in the online loss)
     r: float = 0.5
-    t_min: float = 0.01  # boundary velocity time
-    t_max: float = 0.99
-    method: Literal["euler", "midpoint", "heun"] = "midpoint"
+    solver: Literal["euler", "midpoint", "heun"] = "midpoint"
     steps_per_interval: int = 1  # solver steps between consecutive grid points
     seeds_per_crop: int = 1
     seed: int = 0
@@ -52,9 +54,10 @@ class TrajectoryConfig:
         object.__setattr__(self, "grid", grid)
         if not 0 <= self.points_per_sample <= len(grid):
             raise ValueError(f"points_per_sample must lie in [0, {len(grid)}], got {self.points_per_sample}")
-        if not 0.0 < self.sigma_p <= 1.0:
-            raise ValueError(f"sigma_p must lie in (0, 1] (the cache regenerates the noise), got {self.sigma_p}")
-        for name in ("steps_per_interval", "seeds_per_crop", "keys_per_shard", "batch", "concurrency"):
+        if not self.method.sigma_p > 0.0:
+            raise ValueError(f"sigma_p must be > 0 (the cache regenerates the noise), got {self.method.sigma_p}")
+        names = ("steps_per_interval", "seeds_per_crop", "crops_per_image", "keys_per_shard", "batch", "concurrency")
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in ("float16", "bfloat16"):
@@ -76,17 +79,17 @@ def cache_key(cfg: TrajectoryConfig, *, teacher_version: str, manifest_hash: str
         "manifest_hash": manifest_hash,
         "degradation": {"kind": d.degradation, "sf": d.sf, "sigma_y": d.sigma_y},
         "crop": d.crop,
-        "crops_per_image": d.crops_per_image,
-        "sigma_p": cfg.sigma_p,
+        "crops_per_image": cfg.crops_per_image,
+        "sigma_p": cfg.method.sigma_p,
         "grid": list(cfg.grid),
         "points_per_sample": cfg.points_per_sample,
         "solver": {
-            "method": cfg.method,
+            "method": cfg.solver,
             "steps_per_interval": cfg.steps_per_interval,
             "dt": cfg.dt,
             "r": cfg.r,
-            "t_min": cfg.t_min,
-            "t_max": cfg.t_max,
+            "t_min": cfg.method.t_min,
+            "t_max": cfg.method.t_max,
         },
         "seeds": {"seed": cfg.seed, "seeds_per_crop": cfg.seeds_per_crop},
         "dtype": cfg.dtype,

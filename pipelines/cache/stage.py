@@ -16,7 +16,6 @@ from oftsr.nets import UNet
 from oftsr.trajectory import sample_inputs, sample_seed, stored_indices, teacher_targets
 from pipelines.cache.config import TrajectoryConfig, cache_key, key_hash
 from pipelines.cache.store import (
-    decode_row,
     existing_shards,
     read_manifest,
     remove_partial_files,
@@ -28,7 +27,7 @@ from pipelines.cache.store import (
 from pipelines.data.decode import DecodeError
 from pipelines.data.storage import filesystem
 from pipelines.data.transforms import crop_array, fetch_image
-from pipelines.raycluster import ensure_ray
+from pipelines.progress import ProgressLine
 from pipelines.train.checkpoint import latest_checkpoint, load_teacher
 
 
@@ -79,7 +78,7 @@ class ShardWriter:
             except DecodeError as err:
                 skipped.append((key, err.reason))
                 continue
-            for c in range(d.crops_per_image):
+            for c in range(cfg.crops_per_image):
                 gen = torch.Generator().manual_seed(sample_seed(cfg.seed, key, c, -1))
                 box = random_box(
                     img.shape[0], img.shape[1], d.crop, p_hflip=d.p_hflip, p_vflip=d.p_vflip, generator=gen
@@ -109,19 +108,19 @@ class ShardWriter:
                 sf=d.sf,
                 kind=d.degradation,
                 sigma_y=d.sigma_y,
-                sigma_p=cfg.sigma_p,
+                sigma_p=cfg.method.sigma_p,
             )
             out = teacher_targets(
                 self.net,
                 x_lr.to(self.device),
                 x0.to(self.device),
                 cfg.grid,
-                method=cfg.method,
+                method=cfg.solver,
                 steps_per_interval=cfg.steps_per_interval,
                 dt=cfg.dt,
                 r=cfg.r,
-                t_min=cfg.t_min,
-                t_max=cfg.t_max,
+                t_min=cfg.method.t_min,
+                t_max=cfg.method.t_max,
                 chunk=4 * cfg.batch,
             )
             for j, s in enumerate(part):
@@ -179,14 +178,13 @@ def run_trajectories(cfg: TrajectoryConfig, *, max_shards: int = 0, log=print) -
     ``max_shards`` > 0 stops after that many new shards (a time-boxed run; re-running continues).
     """
     from pipelines.data.dataset import source_rows
+    from pipelines.metric_logger import MetricLogger
     from pipelines.overrides import flatten
-    from pipelines.tracking import MetricLogger, check_reachable, finish_run, git_commit, run_key, start_or_resume_run
+    from pipelines.stage import prepare, tracked_run
 
-    check_reachable(cfg.tracking.tracking_uri)
-    ensure_ray()
-    from pipelines.preflight import preflight
-
-    preflight(cfg.out, cfg.tracking.tracking_uri, storage_shared=cfg.storage_shared, what="out")
+    if not cfg.teacher:
+        raise ValueError("trajectories.teacher: the trajectory stage needs a teacher (a checkpoint folder or models:/)")
+    prepare(cfg.tracking, cfg.out, storage_shared=cfg.storage_shared, what="out")
     rows = source_rows(cfg.data)
     teacher_uri, version = teacher_version(cfg.teacher, cfg.data.storage_options, cfg.tracking.tracking_uri)
     prefix, key, shards = plan(cfg, rows, version)
@@ -196,30 +194,30 @@ def run_trajectories(cfg: TrajectoryConfig, *, max_shards: int = 0, log=print) -
         return {"uri": prefix, "rows": manifest["rows"], "complete": True, "reused": True}
     except FileNotFoundError:
         pass
+    tags = {
+        "oftsr.cache_hash": key_hash(key),
+        "oftsr.data_manifest_hash": key["manifest_hash"],
+        "oftsr.teacher_version": version,
+    }
+    params = {**flatten(cfg), "cache.uri": prefix}
+    with tracked_run(
+        "trajectories", cfg.tracking, key=(prefix,), run_name=cfg.run_name, params=params, tags=tags
+    ) as run:
+        logger = MetricLogger(run.tracking_uri, run.run_id)
+        return _compute(cfg, run, logger, prefix, key, shards, teacher_uri, max_shards, log)
+
+
+def _compute(cfg, run, logger, prefix, key, shards, teacher_uri, max_shards, log) -> dict[str, Any]:
+    """The shards still missing, then the manifest (last: the cache is complete once it exists)."""
+    run_id = run.run_id
     done = existing_shards(prefix, cfg.data.storage_options)
     pending = [i for i in range(len(shards)) if i not in done]
     if max_shards > 0:
         pending = pending[:max_shards]
-    run_id, _ = start_or_resume_run(
-        cfg.tracking.tracking_uri,
-        cfg.tracking.experiment,
-        key=run_key("trajectories", prefix),
-        run_name=f"trajectories:{cfg.run_name}",
-        params={**flatten(cfg), "cache.uri": prefix},
-        tags={
-            "oftsr.stage": "trajectories",
-            "oftsr.git_commit": git_commit(),
-            "oftsr.cache_hash": key_hash(key),
-            "oftsr.data_manifest_hash": key["manifest_hash"],
-            "oftsr.teacher_version": version,
-        },
-        parent_run_id=cfg.tracking.parent_run_id,
-    )
     log(f"trajectories: {len(shards)} shards ({len(done)} done, {len(pending)} to compute) -> {prefix}")
     start = time.perf_counter()
     results: list[dict[str, Any]] = []
     if pending:
-        ray.data.DataContext.get_current().enable_progress_bars = False
         items = [{"shard": i, "keys": json.dumps(shards[i])} for i in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ShardWriter,
@@ -229,7 +227,11 @@ def run_trajectories(cfg: TrajectoryConfig, *, max_shards: int = 0, log=print) -
             num_cpus=cfg.cpus_per_actor,
             num_gpus=1 if cfg.use_gpu else 0,
         )
-        results = ds.take_all()
+        line = ProgressLine("trajectories", len(items), unit="shards")
+        for row in ds.iter_rows():
+            results.append(row)
+            line.update(len(results), f"{sum(int(r['rows']) for r in results)} rows")
+        line.update(len(results), final=True)
     seconds = time.perf_counter() - start
     new_rows = sum(int(r["rows"]) for r in results)
     skipped = [tuple(s) for r in results for s in json.loads(r["skipped"])]
@@ -241,11 +243,11 @@ def run_trajectories(cfg: TrajectoryConfig, *, max_shards: int = 0, log=print) -
     }
     if new_rows:
         metrics["trajectories/rows_per_s"] = new_rows / seconds
-    logger = MetricLogger(cfg.tracking.tracking_uri, run_id)
     logger.log(metrics, step=len(done) + len(results))
     all_done = existing_shards(prefix, cfg.data.storage_options)
     if len(all_done) < len(shards):
         log(f"trajectories: {len(all_done)}/{len(shards)} shards written; run again to finish")
+        run.status = None  # left running: the next run resumes it
         return {"uri": prefix, "rows": None, "complete": False, "run_id": run_id, "skipped": skipped}
 
     fs_shards = []
@@ -275,7 +277,6 @@ def run_trajectories(cfg: TrajectoryConfig, *, max_shards: int = 0, log=print) -
         },
         step=len(shards),
     )
-    finish_run(cfg.tracking.tracking_uri, run_id)
     log(f"trajectories: complete, {manifest['rows']} rows, {manifest['bytes'] / 1e6:.1f} MB -> {prefix}")
     return {
         "uri": prefix,
@@ -287,85 +288,4 @@ def run_trajectories(cfg: TrajectoryConfig, *, max_shards: int = 0, log=print) -
     }
 
 
-class CachedTargets:
-    """Rows of a cache to training tensors: regenerates ``x_lr`` and ``x0`` from the HR crop and the seed, and
-    picks one stored grid point per row (fresh randomness every epoch)."""
-
-    def __init__(self, manifest: dict[str, Any]):
-        self.manifest = manifest
-        self.deg = manifest["key"]["degradation"]
-        self.sigma_p = manifest["key"]["sigma_p"]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["key"])
-        rows = [decode_row({k: batch[k][i] for k in batch}, self.manifest) for i in range(n)]
-        seeds = [r["seed"] for r in rows]
-        _, x_lr, x0, _ = sample_inputs(
-            torch.stack([r["hr"] for r in rows]),
-            seeds,
-            sf=self.deg["sf"],
-            kind=self.deg["kind"],
-            sigma_y=self.deg["sigma_y"],
-            sigma_p=self.sigma_p,
-        )
-        pick = [int(torch.randint(len(r["t"]), (1,))) for r in rows]
-        f32 = lambda x: x.float().numpy()  # noqa: E731
-        return {
-            "key": np.array([r["key"] for r in rows], dtype=object),
-            "x_lr": f32(x_lr),
-            "x0": f32(x0),
-            "t": np.array([float(r["t"][p]) for r, p in zip(rows, pick, strict=True)], dtype=np.float32),
-            "u_bar": f32(torch.stack([r["u_bar"][p] for r, p in zip(rows, pick, strict=True)])),
-            "v_bar": f32(torch.stack([r["v_bar"][p] for r, p in zip(rows, pick, strict=True)])),
-            "v_bound": f32(torch.stack([r["v_bound"] for r in rows])),
-        }
-
-
-def cached_dataset(
-    uri: str,
-    storage_options=None,
-    *,
-    batch_size: int = 16,
-    num_cpus: float = 0.5,
-    concurrency: int | None = None,
-    min_epoch_rows: int = 2048,
-    max_cached_bytes: int = 1 << 30,
-):
-    """The cache as a Ray dataset of training tensors; refuses an incomplete cache.
-
-    A small cache is listed several times per pass (each time with a fresh grid point per row), so that one pass
-    holds at least ``min_epoch_rows`` rows and the per-pass start-up of Ray Data is paid rarely. ``num_cpus`` and
-    ``concurrency`` are those of the map tasks (:class:`pipelines.data.config.DataConfig`).
-    """
-    import math
-
-    import pyarrow.fs
-
-    manifest = read_manifest(uri, storage_options)
-    repeats = max(1, math.ceil(min_epoch_rows / max(1, manifest["rows"])))
-    files = [s["uri"] for s in manifest["shards"]]
-    fs, _ = filesystem(files[0], storage_options)
-    paths = [filesystem(f, storage_options)[1] for f in files]
-    arrow_fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-    if repeats > 1 and manifest["bytes"] <= max_cached_bytes:
-        # Small: read once into the object store and list those blocks `repeats` times (no re-reads, no
-        # hundreds of tiny read tasks); each listing still gets its own grid points in `_apply`.
-        once = ray.data.read_parquet(paths, filesystem=arrow_fs).materialize()
-        ds = once.union(*([once] * (repeats - 1)))
-    else:
-        ds = ray.data.read_parquet(paths * repeats, filesystem=arrow_fs)
-    return ds.map_batches(
-        _apply,
-        fn_kwargs={"targets": CachedTargets(manifest)},
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=num_cpus,
-        concurrency=concurrency,
-    ), manifest
-
-
-def _apply(batch: dict[str, np.ndarray], targets: CachedTargets) -> dict[str, np.ndarray]:
-    return targets(batch)
-
-
-__all__ = ["CachedTargets", "ShardWriter", "cached_dataset", "plan", "run_trajectories"]
+__all__ = ["ShardWriter", "plan", "run_trajectories"]

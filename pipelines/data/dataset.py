@@ -53,7 +53,7 @@ def training_dataset(
         batch_size=cfg.batch_size,
         batch_format="numpy",
         num_cpus=cfg.num_cpus,
-        concurrency=cfg.concurrency,
+        compute=ray.data.TaskPoolStrategy(size=cfg.concurrency),
     )
     return ds, ledger
 
@@ -74,7 +74,7 @@ def evaluation_dataset(
         batch_size=1 if full else cfg.batch_size,
         batch_format="numpy",
         num_cpus=cfg.num_cpus,
-        concurrency=cfg.concurrency,
+        compute=ray.data.TaskPoolStrategy(size=cfg.concurrency),
     )
     return ds, ledger
 

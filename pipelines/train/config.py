@@ -8,39 +8,21 @@ not change the run's length, its EMA or its checkpoint cadence.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Literal
 
-from oftsr.nets import PRESETS
+from oftsr.method import Method
 from oftsr.training import OptimConfig
 from pipelines.data.config import DataConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class TrackingConfig:
-    """MLflow: where runs go. Workers must reach ``tracking_uri`` (an HTTP server on multi-node clusters)."""
-
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "oftsr"
-    parent_run_id: str | None = None
-
-    def resolved(self) -> TrackingConfig:
-        """Relative SQLite paths made absolute, so Ray workers in other folders open the same file."""
-        prefix = "sqlite:///"
-        if self.tracking_uri.startswith(prefix) and not self.tracking_uri[len(prefix) :].startswith("/"):
-            path = os.path.abspath(self.tracking_uri[len(prefix) :])
-            return dataclasses.replace(self, tracking_uri=prefix + path)
-        return self
+from pipelines.tracking import TrackingConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillLossConfig:
-    """DESIGN section 4: step ``dt``, teacher RK2 parameter ``r``, time range and term weights."""
+    """DESIGN section 4: step ``dt``, teacher RK2 parameter ``r`` and the term weights (the time range is the
+    method's knob range, :class:`oftsr.method.Method`)."""
 
     dt: float = 0.05
     r: float = 0.5
-    t_min: float = 0.01
-    t_max: float = 0.99
     w_distil: float = 1.0
     w_bound: float = 0.1
     w_align: float = 0.01
@@ -50,10 +32,6 @@ class DistillLossConfig:
             raise ValueError(f"loss.dt must lie in (0, 1), got {self.dt}")
         if not 0.0 < self.r <= 1.0:
             raise ValueError(f"loss.r must lie in (0, 1], got {self.r}")
-        if not 0.0 < self.t_min < self.t_max <= 1.0:
-            raise ValueError(
-                f"loss.t_min / loss.t_max must satisfy 0 < t_min < t_max <= 1, got {self.t_min}, {self.t_max}"
-            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +60,12 @@ class StageConfig:
     data: DataConfig
     storage_path: str = "outputs/ray_results"
     storage_shared: bool = False  # a local storage_path that every node mounts (NFS, FSx, ...)
-    preset: str = "tiny"
+    method: Method = dataclasses.field(default_factory=Method)  # in a recipe tree: the tree's method (pipelines.tree)
     unet: dict[str, Any] = dataclasses.field(default_factory=dict)
     pretrained: str | None = None  # teacher: optional unconditional ADM weights to warm-start from
     teacher: str | None = None  # distill: the teacher checkpoint folder or URI (required)
     targets: Literal["online", "cached"] = "online"
     cache: str | None = None  # distill with targets=cached: the trajectory cache URI
-    sigma_p: float = 0.2
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     loss: DistillLossConfig = dataclasses.field(default_factory=DistillLossConfig)
     batch_per_worker: int = 8
@@ -117,16 +94,10 @@ class StageConfig:
             raise ValueError(f"stage must be 'teacher' or 'distill', got {self.stage!r}")
         if not self.run_name or "/" in self.run_name:
             raise ValueError(f"run_name must be a non-empty name without '/', got {self.run_name!r}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        if self.stage == "distill" and not self.teacher:
-            raise ValueError("teacher: the distill stage needs the teacher checkpoint (set teacher=PATH_OR_URI)")
         if self.stage == "teacher" and self.targets != "online":
             raise ValueError("targets: only the distill stage has targets")
         if self.targets == "cached" and not self.cache:
             raise ValueError("cache: targets=cached needs the trajectory cache URI (set cache=URI)")
-        if not 0.0 <= self.sigma_p <= 1.0:
-            raise ValueError(f"sigma_p must lie in [0, 1], got {self.sigma_p}")
         for name in ("batch_per_worker", "total_images", "checkpoint_every_images", "log_every_images", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

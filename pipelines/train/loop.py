@@ -28,9 +28,17 @@ from oftsr.engine import use_fast_modules
 from oftsr.flow import conditioned, noisy_start
 from oftsr.infer import evaluating, one_step, sample
 from oftsr.nets import UNet, load_weights, preset_config
-from oftsr.training import distill_cached_step, distill_step, lr_at, make_optimizer, teacher_step
+from oftsr.training import (
+    CachedDistillObjective,
+    Objective,
+    OnlineDistillObjective,
+    TeacherObjective,
+    lr_at,
+    make_optimizer,
+    train_step,
+)
 from pipelines.data.loader import iter_crops
-from pipelines.tracking import MetricLogger
+from pipelines.metric_logger import MetricLogger
 from pipelines.train.checkpoint import CheckpointCorrupt, load_checkpoint, load_teacher, save_checkpoint
 from pipelines.train.config import StageConfig
 
@@ -60,7 +68,7 @@ def _maybe_fault(cfg: StageConfig, rank: int, images_seen: int) -> None:
 
 def _networks(cfg: StageConfig) -> tuple[UNet, UNet | None]:
     if cfg.stage == "teacher":
-        net = UNet(preset_config(cfg.preset, image_size=cfg.data.crop, **cfg.unet))
+        net = UNet(preset_config(cfg.method.preset, image_size=cfg.method.crop, **cfg.unet))
         if cfg.pretrained:
             load_weights(net, cfg.pretrained)
         return net, None
@@ -74,17 +82,28 @@ def _networks(cfg: StageConfig) -> tuple[UNet, UNet | None]:
     return student, teacher.eval().requires_grad_(False)
 
 
+def make_objective(cfg: StageConfig, teacher: torch.nn.Module | None) -> Objective:
+    """The stage's training objective, built once: the loop calls it the same way whatever the stage."""
+    m = cfg.method
+    if cfg.stage == "teacher":
+        return TeacherObjective(sigma_p=m.sigma_p)
+    loss = {**dataclasses.asdict(cfg.loss), "t_min": m.t_min, "t_max": m.t_max}
+    if cfg.targets == "cached":
+        return CachedDistillObjective(**loss)
+    return OnlineDistillObjective(teacher, sigma_p=m.sigma_p, **loss)
+
+
 def _grid(cfg: StageConfig, net: torch.nn.Module, hr: torch.Tensor | None, x_lr: torch.Tensor) -> np.ndarray:
     """Rows of LR | output(s) | HR as one uint8 image: the teacher's 8-NFE sample, or the student at t=0 and 1."""
     gen = torch.Generator(device=x_lr.device).manual_seed(0)
     eps = torch.randn(x_lr.shape, generator=gen, device=x_lr.device, dtype=x_lr.dtype)  # the same noise every time
     with evaluating(net):
         if cfg.stage == "teacher":
-            outs = [sample(net, x_lr, sigma_p=cfg.sigma_p, method="midpoint", steps=4, noise=eps).x]
+            outs = [sample(net, x_lr, sigma_p=cfg.method.sigma_p, method="midpoint", steps=4, noise=eps).x]
         else:
             v = conditioned(net, x_lr)
-            x0 = noisy_start(x_lr, cfg.sigma_p, noise=eps)
-            outs = [one_step(v, x0, cfg.loss.t_min), one_step(v, x0, cfg.loss.t_max)]
+            x0 = noisy_start(x_lr, cfg.method.sigma_p, noise=eps)
+            outs = [one_step(v, x0, cfg.method.t_min), one_step(v, x0, cfg.method.t_max)]
     cols = [x_lr, *outs] + ([hr] if hr is not None else [])
     rows = torch.cat([torch.cat([image_to_uint8(c[i].float()) for c in cols], dim=-1) for i in range(x_lr.shape[0])], 1)
     return rows.permute(1, 2, 0).cpu().numpy()
@@ -107,10 +126,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     state: dict[str, Any] | None = None
     ckpt, resumed_from, passed_over = resume_checkpoint(ray.train.get_checkpoint())
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        ema.module.load_state_dict(ckpt["ema"])
         state = ckpt["state"]
-        images_seen, ema.num_updates = int(state["images_seen"]), int(state["ema_updates"])
+        net.load_state_dict(ckpt["model"])
+        ema.load_state_dict({"module": ckpt["ema"], "num_updates": state["ema_updates"]})
+        images_seen = int(state["images_seen"])
+        torch.set_rng_state(state["torch_rng"])  # what the checkpoint saved, the resume restores
     ema.module.to(device)
     cuda = device.type == "cuda"
     if cfg.fast_modules if cfg.fast_modules is not None else cuda:
@@ -131,6 +151,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     logger = MetricLogger(cfg.tracking.tracking_uri, run_id, background=True) if rank == 0 and run_id else None
     if logger and passed_over:
         logger.set_tags({"oftsr.resumed_from": resumed_from, "oftsr.corrupt_checkpoints": " | ".join(passed_over)})
+    objective = make_objective(cfg, teacher)
     shard = ray.train.get_dataset_shard("train")
     next_log = (images_seen // cfg.log_every_images + 1) * cfg.log_every_images
     next_ckpt = (images_seen // cfg.checkpoint_every_images + 1) * cfg.checkpoint_every_images
@@ -144,25 +165,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             batches += 1
             take = min(cfg.batch_per_worker, (cfg.total_images - images_seen) // world)
             batch = {k: v[:take] for k, v in batch.items()}
-            x_lr = batch["x_lr"]
-            hr = batch.get("hr")
             _maybe_fault(cfg, rank, images_seen)
             lr = lr_at(images_seen, cfg.optim)
-            common = dict(sigma_p=cfg.sigma_p, lr=lr, grad_clip=cfg.optim.grad_clip, precision=precision, generator=gen)
-            if cfg.stage == "teacher":
-                stats = teacher_step(model, optimizer, hr, x_lr, **common)
-            elif cfg.targets == "cached":
-                stats = distill_cached_step(
-                    model,
-                    optimizer,
-                    batch,
-                    lr=lr,
-                    grad_clip=cfg.optim.grad_clip,
-                    precision=precision,
-                    **dataclasses.asdict(cfg.loss),
-                )
-            else:
-                stats = distill_step(model, teacher, optimizer, x_lr, **common, **dataclasses.asdict(cfg.loss))
+            stats = train_step(
+                model,
+                optimizer,
+                objective,
+                batch,
+                lr=lr,
+                grad_clip=cfg.optim.grad_clip,
+                precision=precision,
+                generator=gen,
+            )
             images_seen += take * world
             window_images += take * world
             ema.update(net, take * world)
@@ -193,7 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 next_log = (images_seen // cfg.log_every_images + 1) * cfg.log_every_images
 
             if images_seen >= next_ckpt or done:
-                _report(cfg, rank, net, ema, optimizer, gen, images_seen, last, logger, hr, x_lr)
+                _report(cfg, rank, net, ema, optimizer, gen, images_seen, last, logger, batch)
                 next_ckpt = (images_seen // cfg.checkpoint_every_images + 1) * cfg.checkpoint_every_images
             if done:
                 break
@@ -243,7 +257,7 @@ def resume_checkpoint(latest: ray.train.Checkpoint | None) -> tuple[dict[str, An
     raise CheckpointCorrupt(f"no usable checkpoint under {parent}: " + "; ".join(passed_over))
 
 
-def _report(cfg, rank, net, ema, optimizer, gen, images_seen, metrics, logger, hr, x_lr) -> None:
+def _report(cfg, rank, net, ema, optimizer, gen, images_seen, metrics, logger, batch) -> None:
     """Every rank reports; rank 0 attaches the checkpoint (and logs the sample grid)."""
     name = f"checkpoint_{images_seen:012d}"
     if rank != 0:
@@ -268,11 +282,7 @@ def _report(cfg, rank, net, ema, optimizer, gen, images_seen, metrics, logger, h
                 "stage": cfg.stage,
                 "run_name": cfg.run_name,
                 "images_seen": images_seen,
-                "sigma_p": cfg.sigma_p,
-                "degradation": cfg.data.degradation,
-                "sf": cfg.data.sf,
-                "crop": cfg.data.crop,
-                "preset": cfg.preset,
+                **cfg.method.to_dict(),
             },
         )
         ray.train.report(
@@ -281,5 +291,6 @@ def _report(cfg, rank, net, ema, optimizer, gen, images_seen, metrics, logger, h
             checkpoint_dir_name=name,
         )
     if logger and cfg.sample_grid > 0:
-        n = min(cfg.sample_grid, x_lr.shape[0])
-        logger.log_image(_grid(cfg, ema.module, None if hr is None else hr[:n], x_lr[:n]), f"samples/{name}.png")
+        n = min(cfg.sample_grid, batch["x_lr"].shape[0])
+        hr = batch["hr"][:n] if "hr" in batch else None
+        logger.log_image(_grid(cfg, ema.module, hr, batch["x_lr"][:n]), f"samples/{name}.png")

@@ -63,7 +63,7 @@ def test_the_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_infer.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_infer.py"
     spec = importlib.util.spec_from_file_location("gpu_infer", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

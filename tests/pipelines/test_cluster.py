@@ -16,7 +16,7 @@ import yaml
 from tests.conftest import free_port
 from tests.helpers import start_mlflow_server
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.timeout(600)
 

@@ -4,6 +4,7 @@ import sys
 
 import torch
 
+from oftsr.method import Method
 from oftsr.samples import export_sample_split
 from pipelines.train.checkpoint import save_checkpoint
 from tests.helpers import perturbed_unet
@@ -20,7 +21,7 @@ def test_evaluate_writes_the_curve_and_tables_for_checkpoints(tmp_path):
             ema=net,
             unet=net.config,
             state={"images_seen": 1},
-            stage={"stage": kind, "sigma_p": 0.2, "sf": 4},
+            stage={"stage": kind, **Method(crop=64).to_dict()},
         )
     out = tmp_path / "report"
     proc = subprocess.run(

@@ -6,18 +6,20 @@ import torch
 from oftsr.degrade import degrade
 from oftsr.evaluation import EvalSettings, evaluate, markdown_table
 from oftsr.fid import InceptionFeatures, fid_from_features, inception_network, weights_path
+from oftsr.method import Method
 from oftsr.samples import export_sample_split
-from pipelines.pipeline import EvalConfig, held_out_crops
+from pipelines.pipeline import held_out_crops
+from pipelines.tree import EvalConfig
 from tests.helpers import perturbed_unet
 
 pytestmark = pytest.mark.timeout(300)
-SETTINGS = EvalSettings(sigma_p=0.2, knobs=(0.0, 1.0), teacher_method="euler", teacher_steps=2, batch=3)
+SETTINGS = EvalSettings(method=Method(sigma_p=0.2), knobs=(0.0, 1.0), teacher_method="euler", teacher_steps=2, batch=3)
 
 
 @pytest.fixture(scope="module")
 def crops(tmp_path_factory):
     _, heldout = export_sample_split(tmp_path_factory.mktemp("photos"))
-    return held_out_crops(EvalConfig(source=str(heldout), crop=64, crops_per_image=3))[0]
+    return held_out_crops(EvalConfig(source=str(heldout), method=Method(crop=64), crops_per_image=3))[0]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from pipelines.pipeline import EvalConfig, held_out_crops
+from oftsr.method import Method
+from pipelines.pipeline import held_out_crops
+from pipelines.tree import EvalConfig
 from tests.pipelines.data.images import bad, gradient, photos, png_bytes
 
 pytestmark = pytest.mark.timeout(120)
@@ -19,29 +21,29 @@ def write(folder, files: dict[str, bytes]) -> str:
 
 def test_the_same_photos_give_the_same_crops_in_another_folder_and_in_a_bucket(tmp_path, s3_client, monkeypatch):
     files = dict(list(photos().items())[:3])
-    here = EvalConfig(source=write(tmp_path / "a" / "heldout", files), crop=48, crops_per_image=4)
+    here = EvalConfig(source=write(tmp_path / "a" / "heldout", files), method=Method(crop=48), crops_per_image=4)
     monkeypatch.chdir(tmp_path)
-    relative = EvalConfig(source="elsewhere/deeper/heldout", crop=48, crops_per_image=4)
+    relative = EvalConfig(source="elsewhere/deeper/heldout", method=Method(crop=48), crops_per_image=4)
     write(tmp_path / "elsewhere" / "deeper" / "heldout", files)
     s3_client.create_bucket(Bucket="heldout-crops")
     for name, data in files.items():
         s3_client.put_object(Bucket="heldout-crops", Key=f"eval/{name}", Body=data)
-    bucket = EvalConfig(source="s3://heldout-crops/eval", crop=48, crops_per_image=4)
+    bucket = EvalConfig(source="s3://heldout-crops/eval", method=Method(crop=48), crops_per_image=4)
 
     first, skipped = held_out_crops(here)
     assert first.shape == (12, 3, 48, 48) and skipped == []
     assert torch.equal(first, held_out_crops(relative)[0])
     assert torch.equal(first, held_out_crops(bucket)[0])
     assert len({tuple(c.flatten()[:64].tolist()) for c in first}) == 12  # four different crops of each photo
-    other_seed = held_out_crops(EvalConfig(source=here.source, crop=48, crops_per_image=4, seed=1))[0]
+    other_seed = held_out_crops(EvalConfig(source=here.source, method=Method(crop=48), crops_per_image=4, seed=1))[0]
     assert not torch.equal(first, other_seed)
 
 
 def test_unusable_held_out_images_are_skipped_and_named(tmp_path):
     broken, _ = bad()["truncated.png"]
     source = write(tmp_path, {"good.png": png_bytes(gradient((96, 80))), "broken.png": broken})
-    crops, skipped = held_out_crops(EvalConfig(source=source, crop=64, crops_per_image=2))
+    crops, skipped = held_out_crops(EvalConfig(source=source, method=Method(crop=64), crops_per_image=2))
     assert crops.shape == (2, 3, 64, 64)
     assert len(skipped) == 1 and "broken.png" in skipped[0]
     with pytest.raises(ValueError, match="no usable held-out images"):
-        held_out_crops(EvalConfig(source=source, crop=200))
+        held_out_crops(EvalConfig(source=source, method=Method(crop=200)))

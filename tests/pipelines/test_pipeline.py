@@ -24,7 +24,6 @@ def pipeline_run(tmp_path_factory, ray_cluster):
         "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
         "teacher.storage_path": root / "ray",
         "distill.storage_path": root / "ray",
-        "distill.teacher": root / "ray" / "quickstart-teacher",
         "teacher.total_images": 256,  # the plumbing is under test here; training quality is in tests/pipelines/train
         "teacher.checkpoint_every_images": 128,
         "distill.total_images": 128,

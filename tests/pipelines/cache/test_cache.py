@@ -11,6 +11,7 @@ import torch
 
 from oftsr.flow import conditioned, noise_from_seed
 from oftsr.infer import one_step
+from oftsr.method import Method
 from oftsr.nets import build_unet
 from oftsr.samples import export_sample_photos
 from oftsr.trajectory import sample_inputs, sample_seed, stored_indices, teacher_targets
@@ -49,7 +50,9 @@ def workdir(tmp_path_factory):
 def cfg_for(root, **kw) -> TrajectoryConfig:
     base = dict(
         run_name="t",
-        data=DataConfig(source=str(root / "photos"), crop=64, crops_per_image=2),
+        data=DataConfig(source=str(root / "photos"), crop=64),
+        crops_per_image=2,
+        method=Method(crop=64),
         teacher=str(root / "teacher1"),
         out=str(root / "out"),
         grid=GRID,
@@ -63,7 +66,7 @@ def cfg_for(root, **kw) -> TrajectoryConfig:
 
 
 def _tracking(root):
-    from pipelines.train.config import TrackingConfig
+    from pipelines.tracking import TrackingConfig
 
     return TrackingConfig(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
 
@@ -106,7 +109,7 @@ def test_two_teachers_or_two_sigmas_give_two_prefixes(workdir):
     p1 = plan(base, rows, "teacher-a")[0]
     assert p1 == plan(base, rows, "teacher-a")[0]
     assert plan(base, rows, "teacher-b")[0] != p1
-    assert plan(dataclasses.replace(base, sigma_p=0.3), rows, "teacher-a")[0] != p1
+    assert plan(dataclasses.replace(base, method=Method(crop=64, sigma_p=0.3)), rows, "teacher-a")[0] != p1
     assert plan(dataclasses.replace(base, concurrency=5), rows, "teacher-a")[0] == p1  # pool size is not content
 
 
@@ -168,7 +171,7 @@ def test_cli_lists_and_verifies_and_catches_a_damaged_shard(cache, workdir, tmp_
 
 
 def test_a_cache_without_manifest_is_refused(tmp_path, ray_cluster):
-    from pipelines.cache.stage import cached_dataset
+    from pipelines.cache.dataset import cached_dataset
 
     (tmp_path / "shard-00000.parquet").write_bytes(b"x")
     with pytest.raises(CacheIncomplete, match="incomplete"):
@@ -178,8 +181,8 @@ def test_a_cache_without_manifest_is_refused(tmp_path, ray_cluster):
 def test_cached_distillation_lowers_its_loss_and_moves_toward_the_teacher_endpoint(cache, workdir):
     from pipelines.overrides import apply_overrides
     from pipelines.recipes import recipe
-    from pipelines.stages import run_stage
     from pipelines.tracking import client
+    from pipelines.train.driver import run_stage
 
     cfg = apply_overrides(
         recipe("quickstart", "distill"),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from oftsr.method import Method
 from oftsr.nets import build_unet
 from pipelines.train.checkpoint import save_checkpoint
 
@@ -24,7 +25,7 @@ def oftsr(*args: str) -> subprocess.CompletedProcess:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     net = build_unet("tiny")
-    stage = {"stage": "distill", "sigma_p": 0.2, "sf": 4, "degradation": "bicubic", "crop": 64}
+    stage = {"stage": "distill", **Method(crop=64).to_dict()}
     save_checkpoint(root / "student", model=net, ema=net, unet=net.config, state={"images_seen": 0}, stage=stage)
     Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(root / "small.png")
     (root / "empty").mkdir()
@@ -44,9 +45,9 @@ def cases(root):
         "not an image": ((*up, str(root / "notes.png")), [str(root / "notes.png"), "not-an-image"]),
         "t above 1": ((*up, str(root / "small.png"), "--t", "1.5"), ["1.5", "[0, 1]"]),
         "t NaN": ((*up, str(root / "small.png"), "--t", "nan"), ["nan", "finite"]),
-        "unknown --set key": (("teacher", "quickstart", "--dry-run", "--set", "optim.lrr=1"), ["'optim.lrr'"]),
+        "unknown --set key": (("teacher", "quickstart", "--dry-run", "--set", "optim.lrr=1"), ["optim.lrr'"]),
         "wrong type": (("teacher", "quickstart", "--dry-run", "--set", "optim.lr=fast"), ["optim.lr", "number"]),
-        "invalid value": (("teacher", "quickstart", "--dry-run", "--set", "data.crop=-8"), ["crop"]),
+        "invalid value": (("teacher", "quickstart", "--dry-run", "--set", "method.crop=-8"), ["crop"]),
         "unknown recipe": (("run", "ffhq_x8", "--dry-run"), ["ffhq_x8", "unknown recipe"]),
         "model URI not found": (
             (*registry, "-o", str(root / "new"), str(root / "small.png")),

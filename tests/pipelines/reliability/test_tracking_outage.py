@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from pipelines.tracking import MetricLogger, client
+from pipelines.metric_logger import MetricLogger
+from pipelines.tracking import client
 from tests.conftest import free_port
 from tests.helpers import start_mlflow_server, stop_process_group, wait_reachable
 

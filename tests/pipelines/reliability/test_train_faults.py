@@ -19,7 +19,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def killed_run(workdir, ray_cluster):
-    from pipelines.stages import run_stage
+    from pipelines.train.driver import run_stage
 
     cfg = stage_config(
         "teacher",
@@ -49,7 +49,7 @@ def test_a_worker_killed_mid_step_resumes_from_the_checkpoint_and_counts_images_
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one_with_a_warning(killed_run, workdir):
-    from pipelines.stages import run_stage
+    from pipelines.train.driver import run_stage
 
     latest = workdir / "ray" / "killed" / "checkpoint_000000000256"
     weights = latest / "model.safetensors"

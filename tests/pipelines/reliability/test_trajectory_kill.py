@@ -36,7 +36,7 @@ def test_a_stage_killed_mid_shard_shows_no_partial_shard_and_completes_on_rerun(
         f"teacher={tmp_path / 'teacher'}",
         f"out={tmp_path / 'out'}",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-        f"data.crops_per_image={CROPS}",
+        f"crops_per_image={CROPS}",
         "keys_per_shard=1",
     ):
         args += ["--set", s]

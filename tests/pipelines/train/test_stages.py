@@ -33,7 +33,7 @@ def history(root: Path, run_id: str, key: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def teacher_run(workdir, ray_cluster):
-    from pipelines.stages import run_stage
+    from pipelines.train.driver import run_stage
 
     cfg = small(
         "teacher",
@@ -55,7 +55,7 @@ def test_teacher_loss_falls_and_the_run_ends_at_the_target(teacher_run, workdir)
 
 
 def test_distillation_from_that_teacher_lowers_its_loss(teacher_run, workdir):
-    from pipelines.stages import run_stage
+    from pipelines.train.driver import run_stage
 
     cfg = small(
         "distill",
@@ -91,7 +91,7 @@ def test_mlflow_holds_one_run_per_stage_with_params_metrics_tags_and_images(teac
 
 
 def test_a_worker_failure_resumes_from_the_last_checkpoint_and_counts_images_once(workdir, ray_cluster):
-    from pipelines.stages import run_stage
+    from pipelines.train.driver import run_stage
 
     marker = workdir / "fault-fired"
     cfg = small(
@@ -163,7 +163,7 @@ def test_killing_the_driver_and_running_again_resumes(workdir, ray_cluster):
 
 
 def test_checkpoints_on_s3_storage(workdir, ray_cluster, s3_client):
-    from pipelines.stages import run_stage
+    from pipelines.train.driver import run_stage
 
     s3_client.create_bucket(Bucket="oftsr-runs")
     cfg = small(

@@ -1,4 +1,4 @@
-"""Driver side of the training stages: check tracking, build the data, run ``TorchTrainer``, close the run.
+"""Driver side of the training stages: the stage protocol (:mod:`pipelines.stage`) around ``TorchTrainer``.
 
 ``run_stage(cfg)`` is what ``oftsr teacher`` and ``oftsr distill`` call. Running it again with the same
 ``run_name`` and ``storage_path`` resumes from the latest checkpoint (Ray Train V2 restores the run) and keeps
@@ -11,11 +11,12 @@ import dataclasses
 import os
 from typing import Any
 
+from oftsr.method import check_agrees
 from pipelines.data.storage import filesystem, protocol_of
+from pipelines.metric_logger import MetricLogger
 from pipelines.overrides import flatten
-from pipelines.preflight import preflight
-from pipelines.raycluster import ensure_ray
-from pipelines.tracking import MetricLogger, check_reachable, finish_run, git_commit, run_key, start_or_resume_run
+from pipelines.progress import progress_of
+from pipelines.stage import StageRun, prepare, tracked_run
 from pipelines.train.config import StageConfig
 
 
@@ -78,51 +79,60 @@ def log_cache_input(cfg: StageConfig, run_id: str, manifest: dict[str, Any]) -> 
 
 def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
     """Run (or resume) a training stage; returns ``{"run_id", "checkpoint", "images_seen", "metrics", ...}``."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipelines.data.dataset import format_summary, source_rows, training_dataset
+    from pipelines.data.dataset import source_rows
     from pipelines.data.manifest import manifest_hash
-    from pipelines.train.loop import train_loop_per_worker
 
+    configured = cfg.storage_path  # the resume key: as configured, not as resolved in this working directory
     cfg = resolve_paths(cfg)
-    check_reachable(cfg.tracking.tracking_uri)  # before any compute
-    ensure_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    preflight(cfg.storage_path, cfg.tracking.tracking_uri, storage_shared=cfg.storage_shared)
+    if not cfg.teacher and cfg.stage == "distill":
+        raise ValueError("distill.teacher: the distill stage needs the teacher checkpoint (a folder or URI)")
+    prepare(cfg.tracking, cfg.storage_path, storage_shared=cfg.storage_shared)
     cache_manifest = None
     if cfg.targets == "cached":
         from pipelines.cache.store import read_manifest as read_cache_manifest
 
         cache_manifest = read_cache_manifest(cfg.cache, cfg.data.storage_options)  # refuses an incomplete cache
+        check_cache_matches(cfg, cache_manifest)
         rows, data_hash = [], cache_manifest["key"]["manifest_hash"]
     else:
         rows = source_rows(cfg.data)
         data_hash = manifest_hash(rows)
-    key = run_key(cfg.stage, cfg.storage_path, cfg.run_name)
-    tags = {
-        "oftsr.stage": cfg.stage,
-        "oftsr.git_commit": git_commit(),
-        "oftsr.data_manifest_hash": data_hash,
-        "oftsr.preset": cfg.preset,
-    }
-    run_id, resumed = start_or_resume_run(
-        cfg.tracking.tracking_uri,
-        cfg.tracking.experiment,
-        key=key,
-        run_name=f"{cfg.stage}:{cfg.run_name}",
+    with tracked_run(
+        cfg.stage,
+        cfg.tracking,
+        key=(configured, cfg.run_name),
+        run_name=cfg.run_name,
         params=flatten(cfg),
-        tags=tags,
-        parent_run_id=cfg.tracking.parent_run_id,
-    )
+        tags={"oftsr.data_manifest_hash": data_hash, "oftsr.preset": cfg.method.preset},
+        log=log,
+    ) as run:
+        return _train(cfg, run, rows, cache_manifest, log)
+
+
+def check_cache_matches(cfg: StageConfig, manifest: dict[str, Any]) -> None:
+    """Refuse a trajectory cache made with other method parameters than this distillation's, naming the field."""
+    key = manifest["key"]
+    deg, solver = key["degradation"], key["solver"]
+    record = {"sf": deg["sf"], "degradation": deg["kind"], "sigma_y": deg["sigma_y"], "sigma_p": key["sigma_p"]}
+    record.update(crop=key["crop"], t_min=solver["t_min"], t_max=solver["t_max"])
+    check_agrees(cfg.method, record, f"the trajectory cache {cfg.cache}")
+
+
+def _train(cfg: StageConfig, run: StageRun, rows, cache_manifest, log) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.data.dataset import format_summary, training_dataset
+    from pipelines.train.loop import train_loop_per_worker
+
+    run_id = run.run_id
     log(
-        f"{cfg.stage}: MLflow run {run_id} ({'resumed' if resumed else 'new'}), {len(rows)} source images, "
+        f"{cfg.stage}: {len(rows)} source images, "
         f"{cfg.total_images} images at {cfg.global_batch} per step on {cfg.workers} workers"
     )
 
     if cache_manifest is not None:
-        from pipelines.cache.stage import cached_dataset
+        from pipelines.cache.dataset import cached_dataset
 
         dataset, _ = cached_dataset(
             cfg.cache, cfg.data.storage_options, num_cpus=cfg.data.num_cpus, concurrency=cfg.data.concurrency
@@ -149,21 +159,17 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
         ),
         datasets={"train": dataset},
     )
-    try:
+    with progress_of(run, cfg.stage, total=cfg.total_images):
         result = trainer.fit()
-    except Exception:
-        finish_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
-        raise
     summary = ledger.summary() if ledger is not None else {"seen": 0, "skipped": 0, "reasons": {}, "items": []}
     out = dict(result.return_value or {})
     if ledger is not None:
         log(format_summary(summary))
-    try:  # the training is done and checkpointed: a tracking outage now costs a status, never the result
+    try:  # the training is done and checkpointed: a tracking outage now costs a record, never the result
         if ledger is not None:
             MetricLogger(cfg.tracking.tracking_uri, run_id).log_dict(summary, "data/skipped.json")
-        finish_run(cfg.tracking.tracking_uri, run_id)
     except Exception as err:
-        log(f"{cfg.stage}: warning: MLflow run {run_id} not closed ({type(err).__name__}); the checkpoint is safe")
+        log(f"{cfg.stage}: warning: the data summary was not logged ({type(err).__name__}); the checkpoint is safe")
     if out.get("corrupt_checkpoints"):
         log(f"{cfg.stage}: warning: resumed from {out['resumed_from']}, passing over: {out['corrupt_checkpoints']}")
     if out.get("mlflow_spool"):
@@ -174,7 +180,7 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
     log(f"{cfg.stage}: done at {out.get('images_seen')} images; checkpoint {checkpoint}")
     return {
         "run_id": run_id,
-        "resumed": resumed,
+        "resumed": run.resumed,
         "checkpoint": checkpoint,
         "images_seen": out.get("images_seen"),
         "metrics": out,

@@ -1,0 +1,98 @@
+"""The cached-target dataset that the distill stage streams with ``distill.targets=cached``: rows of a finished
+trajectory cache turned into training tensors (``x_lr`` and ``x0`` regenerated from the HR crop and the seed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from oftsr.trajectory import sample_inputs
+from pipelines.cache.store import decode_row, read_manifest
+from pipelines.data.storage import filesystem
+
+
+class CachedTargets:
+    """Rows of a cache to training tensors: regenerates ``x_lr`` and ``x0`` from the HR crop and the seed, and
+    picks one stored grid point per row (fresh randomness every epoch)."""
+
+    def __init__(self, manifest: dict[str, Any]):
+        self.manifest = manifest
+        self.deg = manifest["key"]["degradation"]
+        self.sigma_p = manifest["key"]["sigma_p"]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        rows = [decode_row({k: batch[k][i] for k in batch}, self.manifest) for i in range(n)]
+        seeds = [r["seed"] for r in rows]
+        _, x_lr, x0, _ = sample_inputs(
+            torch.stack([r["hr"] for r in rows]),
+            seeds,
+            sf=self.deg["sf"],
+            kind=self.deg["kind"],
+            sigma_y=self.deg["sigma_y"],
+            sigma_p=self.sigma_p,
+        )
+        pick = [int(torch.randint(len(r["t"]), (1,))) for r in rows]
+        f32 = lambda x: x.float().numpy()  # noqa: E731
+        return {
+            "key": np.array([r["key"] for r in rows], dtype=object),
+            "x_lr": f32(x_lr),
+            "x0": f32(x0),
+            "t": np.array([float(r["t"][p]) for r, p in zip(rows, pick, strict=True)], dtype=np.float32),
+            "u_bar": f32(torch.stack([r["u_bar"][p] for r, p in zip(rows, pick, strict=True)])),
+            "v_bar": f32(torch.stack([r["v_bar"][p] for r, p in zip(rows, pick, strict=True)])),
+            "v_bound": f32(torch.stack([r["v_bound"] for r in rows])),
+        }
+
+
+def cached_dataset(
+    uri: str,
+    storage_options=None,
+    *,
+    batch_size: int = 16,
+    num_cpus: float = 0.5,
+    concurrency: int | None = None,
+    min_epoch_rows: int = 2048,
+    max_cached_bytes: int = 1 << 30,
+):
+    """The cache as a Ray dataset of training tensors; refuses an incomplete cache.
+
+    A small cache is listed several times per pass (each time with a fresh grid point per row), so that one pass
+    holds at least ``min_epoch_rows`` rows and the per-pass start-up of Ray Data is paid rarely. ``num_cpus`` and
+    ``concurrency`` are those of the map tasks (:class:`pipelines.data.config.DataConfig`).
+    """
+    import math
+
+    import pyarrow.fs
+
+    manifest = read_manifest(uri, storage_options)
+    repeats = max(1, math.ceil(min_epoch_rows / max(1, manifest["rows"])))
+    files = [s["uri"] for s in manifest["shards"]]
+    fs, _ = filesystem(files[0], storage_options)
+    paths = [filesystem(f, storage_options)[1] for f in files]
+    arrow_fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    if repeats > 1 and manifest["bytes"] <= max_cached_bytes:
+        # Small: read once into the object store and list those blocks `repeats` times (no re-reads, no
+        # hundreds of tiny read tasks); each listing still gets its own grid points in `_apply`.
+        once = ray.data.read_parquet(paths, filesystem=arrow_fs).materialize()
+        ds = once.union(*([once] * (repeats - 1)))
+    else:
+        ds = ray.data.read_parquet(paths * repeats, filesystem=arrow_fs)
+    return ds.map_batches(
+        _apply,
+        fn_kwargs={"targets": CachedTargets(manifest)},
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=concurrency),
+    ), manifest
+
+
+def _apply(batch: dict[str, np.ndarray], targets: CachedTargets) -> dict[str, np.ndarray]:
+    return targets(batch)
+
+
+__all__ = ["CachedTargets", "cached_dataset"]
