@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # torch, torchvision and lpips go in ONE pip command, or pip replaces torch behind our back.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1 lpips==0.1.4
 
-.PHONY: quickstart test lint install clean
+.PHONY: quickstart test test-fast lint install clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q tests/core tests/pipelines/test_tree.py tests/pipelines/test_overrides.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
