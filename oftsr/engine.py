@@ -5,7 +5,7 @@ that the tiling of :func:`oftsr.infer.upscale` (and anything else taking a veloc
 
 * attention through ``scaled_dot_product_attention`` (flash / memory-efficient kernels) instead of the legacy
   QKV einsum; the same weights;
-* GroupNorm, scale-shift and SiLU fused into one expression (:func:`oftsr.nets.unet.fuse_norm_act`);
+* GroupNorm, scale-shift and SiLU fused into one expression (:func:`oftsr.nets.blocks.fuse_norm_act`);
 * channels-last memory layout;
 * on CUDA: bf16 weights and activations (GroupNorm statistics in fp32), ``torch.compile`` (default mode: the
   ``max-autotune`` mode takes longer to compile than it ever saves here) and CUDA graphs (the compile mode
@@ -27,7 +27,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from oftsr.nets.unet import AttentionBlock, UNet, fuse_norm_act
+from oftsr.nets.blocks import AttentionBlock, fuse_norm_act
+from oftsr.nets.unet import UNet
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

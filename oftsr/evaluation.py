@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,13 +84,13 @@ def evaluate(
     student: nn.Module | None = None,
     teacher: nn.Module | None = None,
     device: torch.device | str = "cpu",
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate on HR crops ``(N, 3, H, W)`` in [-1, 1]; fixed noise (``settings.seed``) for every method.
 
     Returns ``{"rows": [{"method", "t", "nfe", "psnr", "ssim", "st_lpips"[, "lpips"][, "fid"]}], "n": N}``, the
     metrics averaged over the crops; ``fid`` (between each method's outputs and the HR crops, N >= 2) only when the
-    Inception weights are on this machine.
+    Inception weights are on this machine. A progress bar when ``progress`` (by default: stderr is a terminal).
     """
     perceptual = Perceptual(device)
     if student is not None and torch.device(device).type == "cuda":
@@ -101,7 +102,7 @@ def evaluate(
     nfe: dict[str, int] = {}
     n = hr.shape[0]
     batches = range(0, n, settings.batch)
-    for i in tqdm(batches, desc="evaluate", disable=not progress):
+    for i in tqdm(batches, desc="evaluate", disable=not (sys.stderr.isatty() if progress is None else progress)):
         x1 = hr[i : i + settings.batch].to(device)
         b = x1.shape[0]
         gen = torch.Generator().manual_seed(settings.seed * 100_003 + i)

@@ -124,7 +124,7 @@ def train_step(
 
     Returns detached batch means of every term and the ``grad_norm`` (no host synchronisation).
     """
-    device = next(iter(batch.values())).device
+    device = next(net.parameters()).device
     with autocast(device, precision):
         terms = objective(net, batch, generator)
     loss = terms.get("total", next(iter(terms.values()))).float().mean()

@@ -163,6 +163,12 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="(ray|mlflow|pydantic|torchvision|lpips|stlpips)")
     for name in ("mlflow", "alembic", "ray", "urllib3", "botocore"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its own level when imported
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A local cluster that turned token authentication on says so at every start; the opposite warning stays.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

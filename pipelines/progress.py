@@ -32,6 +32,7 @@ class ProgressLine:
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every_s, self.start, self.last_plain, self.base = every_s, time.monotonic(), 0.0, None
+        self.printed: float | None = None  # the count on the last plain line: a final line repeats no count
 
     def render(self, done: float, extra: str = "") -> str:
         elapsed = time.monotonic() - self.start
@@ -48,9 +49,9 @@ class ProgressLine:
         line = self.render(done, extra)
         if self.tty:
             self.stream.write("\r\033[K" + line + ("\n" if final else ""))
-        elif final or time.monotonic() - self.last_plain >= self.every_s:
+        elif (final and done != self.printed) or time.monotonic() - self.last_plain >= self.every_s:
             self.stream.write(line + "\n")
-            self.last_plain = time.monotonic()
+            self.last_plain, self.printed = time.monotonic(), done
         self.stream.flush()
 
 

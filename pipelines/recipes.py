@@ -21,6 +21,12 @@ SAMPLE_PHOTOS = "outputs/sample_photos"  # export_sample_split() writes train/ a
 PAPER_EMA_HALF_LIFE = half_life_from_decay(0.9999, 32)  # EMA 0.9999 at batch 32, about 221,800 images
 
 
+def _train(stage: str, name: str, total_images: int, lr: float, warmup_images: int, **fields) -> StageConfig:
+    """A training stage of recipe ``name``: its length, learning rate and warm-up, counted in images."""
+    optim = OptimConfig(lr=lr, warmup_images=warmup_images)
+    return StageConfig(stage=stage, run_name=f"{name}-{stage}", total_images=total_images, optim=optim, **fields)
+
+
 def quickstart() -> PipelineConfig:
     method = Method(sf=4, degradation="bicubic", sigma_p=0.2, crop=64, preset="tiny")
     # two decode tasks at a time: one machine, which the two training workers share with them
@@ -37,11 +43,12 @@ def quickstart() -> PipelineConfig:
         name="quickstart",
         method=method,
         data=data,
-        teacher=StageConfig(
-            stage="teacher",
-            run_name="quickstart-teacher",
-            total_images=6_400,
-            optim=OptimConfig(lr=5e-4, warmup_images=800),
+        teacher=_train(
+            "teacher",
+            "quickstart",
+            6_400,
+            5e-4,
+            800,
             ema_half_life_images=1_000,
             checkpoint_every_images=1_600,
             **common,
@@ -56,14 +63,8 @@ def quickstart() -> PipelineConfig:
             concurrency=2,
             cpus_per_actor=0.5,
         ),
-        distill=StageConfig(
-            stage="distill",
-            run_name="quickstart-distill",
-            total_images=1_280,
-            optim=OptimConfig(lr=1e-4, warmup_images=320),
-            ema_half_life_images=500,
-            checkpoint_every_images=640,
-            **common,
+        distill=_train(
+            "distill", "quickstart", 1_280, 1e-4, 320, ema_half_life_images=500, checkpoint_every_images=640, **common
         ),
         evaluate=EvalConfig(source=f"{SAMPLE_PHOTOS}/heldout", crops_per_image=8),
         out="outputs/quickstart",
@@ -87,13 +88,7 @@ def paper(name: str, method: Method, source: str, *, crops_per_image: int = 1) -
         name=name,
         method=method,
         data=data,
-        teacher=StageConfig(
-            stage="teacher",
-            run_name=f"{name}-teacher",
-            total_images=6_400_000,
-            optim=OptimConfig(lr=1e-4, warmup_images=32_000),
-            **common,
-        ),
+        teacher=_train("teacher", name, 6_400_000, 1e-4, 32_000, **common),
         trajectories=TrajectoryConfig(
             run_name=f"{name}-trajectories",
             data=data,
@@ -106,13 +101,7 @@ def paper(name: str, method: Method, source: str, *, crops_per_image: int = 1) -
             cpus_per_actor=4.0,
             points_per_sample=6,
         ),
-        distill=StageConfig(
-            stage="distill",
-            run_name=f"{name}-distill",
-            total_images=1_600_000,
-            optim=OptimConfig(lr=2e-5, warmup_images=16_000),
-            **common,
-        ),
+        distill=_train("distill", name, 1_600_000, 2e-5, 16_000, **common),
         evaluate=EvalConfig(source=f"s3://my-bucket/{name}-heldout", crops_per_image=1),
         out=f"outputs/{name}",
     )

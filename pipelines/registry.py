@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,14 @@ import pipelines
 from oftsr.nets import UNet, UNetConfig, load_weights, save_weights
 
 SCORE_TAG = "oftsr.score"
+
+# The model's inputs are declared by an explicit signature (variable image sizes), not by type hints on `predict`.
+# MLflow suggests adding them when the class below is defined, on every import, under its own "once" filter (which
+# no filter of ours can override): that one message is dropped while the class is defined.
+_show_warning = warnings.showwarning
+warnings.showwarning = lambda message, *args, **kw: (
+    None if "Add type hints to the `predict` method" in str(message) else _show_warning(message, *args, **kw)
+)
 
 
 class OftsrModel(mlflow.pyfunc.PythonModel):
@@ -73,6 +84,9 @@ class OftsrModel(mlflow.pyfunc.PythonModel):
         return image_to_uint8(out).permute(0, 2, 3, 1).numpy()
 
 
+warnings.showwarning = _show_warning
+
+
 def _build(weights: Path, config: Path) -> tuple[UNet, dict[str, Any]]:
     info = json.loads(config.read_text())
     net = UNet(UNetConfig.from_dict(info["unet"]))
@@ -98,6 +112,31 @@ def _signature():
     )
 
 
+@contextlib.contextmanager
+def _library_output_quiet():
+    """MLflow's own console output while a model is logged (its notes on pickling and type hints, artifact progress
+    bars, "Successfully registered ..."): hidden unless ``--verbose``; our own line says what was registered."""
+    from pipelines.raycluster import verbose
+
+    if verbose():
+        yield
+        return
+    import mlflow.utils.logging_utils as mlflow_logging
+
+    stream = mlflow_logging.MLFLOW_LOGGING_STREAM
+    with open(os.devnull, "w") as null, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pyfunc_logger = logging.getLogger("mlflow.pyfunc")
+        level = pyfunc_logger.level
+        mlflow_logging.MLFLOW_LOGGING_STREAM = null  # where MLflow's eprint writes
+        pyfunc_logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            mlflow_logging.MLFLOW_LOGGING_STREAM = stream
+            pyfunc_logger.setLevel(level)
+
+
 def log_and_register(
     *,
     tracking_uri: str,
@@ -116,7 +155,7 @@ def log_and_register(
     try:
         save_weights(net, tmp / "weights.safetensors")
         (tmp / "model.json").write_text(json.dumps({"unet": net.config.to_dict(), "meta": meta}, indent=2))
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), _library_output_quiet():
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=OftsrModel(),

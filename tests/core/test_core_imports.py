@@ -17,7 +17,14 @@ def core_modules() -> list[str]:
 
 def test_the_core_lists_every_module_of_the_method():
     names = set(core_modules())
-    for expected in ("oftsr.solvers", "oftsr.losses", "oftsr.trajectory", "oftsr.nets.unet", "oftsr.evaluation"):
+    for expected in (
+        "oftsr.solvers",
+        "oftsr.losses",
+        "oftsr.trajectory",
+        "oftsr.nets.unet",
+        "oftsr.nets.blocks",
+        "oftsr.evaluation",
+    ):
         assert expected in names
 
 

@@ -18,7 +18,7 @@ def student(seed: int = 0):
 def test_the_engine_computes_the_reference_network_on_cpu():
     net = student()
     fast = fast_student(net, "cpu")
-    from oftsr.nets.unet import AttentionBlock
+    from oftsr.nets.blocks import AttentionBlock
 
     assert fast.dtype == torch.float32 and not fast.compiled
     assert {m.impl for m in fast.net.modules() if isinstance(m, AttentionBlock)} == {"sdpa"}

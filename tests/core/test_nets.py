@@ -5,7 +5,7 @@ import torch
 
 from oftsr.flow import conditioned
 from oftsr.nets import build_unet, count_parameters, load_weights, save_weights, widen_input_conv
-from oftsr.nets.unet import attention_legacy, attention_sdpa
+from oftsr.nets.blocks import attention_legacy, attention_sdpa
 from tests.helpers import perturbed_unet
 
 
@@ -63,7 +63,7 @@ def test_sdpa_attention_equals_the_legacy_einsum():
 def test_fused_norm_and_silu_equal_the_module_chain(kw):
     import copy
 
-    from oftsr.nets.unet import GroupNormSiLU, fuse_norm_act
+    from oftsr.nets.blocks import GroupNormSiLU, fuse_norm_act
 
     plain = perturbed_tiny(4, **kw).eval()
     fused = fuse_norm_act(copy.deepcopy(plain))

@@ -65,6 +65,18 @@ def test_kuberay_manifests_carry_the_required_fields(name):
             assert "secretKeyRef" in env[key]["valueFrom"] and "value" not in env[key]
 
 
+@pytest.mark.parametrize("name", ["rayjob-pipeline.yaml", "rayjob-teacher.yaml", "rayjob-distill.yaml"])
+def test_each_job_entrypoint_resolves_through_the_recipe_tree(name):
+    """The shipped command lines must pass the CLI's own checks (a refused override would fail the job on start)."""
+    import shlex
+
+    entrypoint = yaml.safe_load((ROOT / "cluster" / "kuberay" / name).read_text())["spec"]["entrypoint"]
+    argv = [*shlex.split(entrypoint)[1:], "--dry-run"]
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "s3://my-bucket/ffhq256" in out.stdout and "mlflow.mlflow.svc.cluster.local" in out.stdout
+
+
 def test_a_local_storage_path_on_a_multi_node_cluster_is_refused():
     script = """
 import ray

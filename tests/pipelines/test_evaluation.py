@@ -42,7 +42,7 @@ def test_fid_of_every_method_against_the_hr_crops_when_the_weights_are_cached(cr
     assert all(v > 0 for v in fids.values()) and len(set(fids.values())) == 4
     with torch.no_grad():  # bicubic has no noise: recompute its FID from the features directly
         features = InceptionFeatures()
-        bicubic = features(degrade(crops, SETTINGS.sf, "bicubic")[1].clamp(-1, 1))
+        bicubic = features(degrade(crops, SETTINGS.method.sf, "bicubic")[1].clamp(-1, 1))
         expected = fid_from_features(bicubic, features(crops))
     assert fids[("bicubic", None)] == pytest.approx(expected, rel=1e-4)
     assert "| FID |" in markdown_table(report)

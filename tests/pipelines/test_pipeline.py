@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -62,6 +63,16 @@ def test_parent_and_stage_runs_exist_and_both_models_have_aliases(pipeline_run):
         assert version.tags["oftsr.sigma_p"] == "0.2" and version.tags["oftsr.degradation"] == "bicubic"
 
 
+def test_the_console_shows_each_stage_with_a_progress_line_and_no_library_logs(pipeline_run):
+    *_, first = pipeline_run
+    console = first.stdout + first.stderr
+    for stage, total in (("teacher", 256), ("distill", 128)):
+        assert re.search(rf"^{stage} +{total}/{total} images \(100%\) .* ETA 0:00$", console, re.M), console[-3000:]
+    assert "| student | 1.0 |" in first.stdout  # the final table
+    for noise in ("RayTrainWorker", "Warning", "INFO", "WARNING", "Token authentication"):
+        assert noise not in console, noise
+
+
 def test_the_curve_table_and_strip_are_written(pipeline_run):
     root, *_ = pipeline_run
     report = json.loads((root / "out" / "evaluation" / "evaluation.json").read_text())
@@ -74,16 +85,21 @@ def test_the_curve_table_and_strip_are_written(pipeline_run):
         assert im.size == (4 * 64, 4 * 64)
 
 
-def test_rerunning_reuses_finished_stages_and_registered_models(pipeline_run):
+def test_rerunning_from_another_folder_reuses_the_runs_and_registers_nothing_twice(pipeline_run, tmp_path):
+    """A retried cluster job starts in a new working directory: it must find the same parent run and models."""
     from pipelines.tracking import client
 
     root, args, env, _ = pipeline_run
-    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "teacher: reusing the finished checkpoint" in again.stdout
     assert "distill: reusing the finished checkpoint" in again.stdout
     c = client(f"sqlite:///{root / 'mlflow.db'}")
-    assert len(c.search_model_versions("name = 'oftsr-student'")) == 1
+    exp = c.get_experiment_by_name("oftsr")
+    parents = c.search_runs([exp.experiment_id], filter_string="tags.`oftsr.stage` = 'pipeline'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    for name in ("oftsr-teacher", "oftsr-student"):
+        assert len(c.search_model_versions(f"name = '{name}'")) == 1
 
 
 def test_upscale_from_the_registry_writes_4x_images_and_refuses_to_overwrite(pipeline_run, tmp_path):

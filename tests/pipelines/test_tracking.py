@@ -7,25 +7,21 @@ def test_runs_resume_by_key_nest_under_a_parent_and_keep_their_params(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     c = client(uri)
     parent = c.create_run(c.create_experiment("oftsr")).info.run_id
-    run_id, resumed = start_or_resume_run(
-        uri,
-        "oftsr",
-        key="k1",
-        run_name="teacher:a",
-        params={"lr": 1e-3},
-        tags={"oftsr.stage": "teacher"},
-        parent_run_id=parent,
-    )
+
+    def start(lr):
+        return start_or_resume_run(
+            uri,
+            "oftsr",
+            key="k1",
+            run_name="teacher:a",
+            params={"lr": lr},
+            tags={"oftsr.stage": "teacher"},
+            parent_run_id=parent,
+        )
+
+    run_id, resumed = start(1e-3)
     assert not resumed
-    again, resumed = start_or_resume_run(
-        uri,
-        "oftsr",
-        key="k1",
-        run_name="teacher:a",
-        params={"lr": 2e-3},
-        tags={"oftsr.stage": "teacher"},
-        parent_run_id=parent,
-    )
+    again, resumed = start(2e-3)
     assert resumed and again == run_id
     run = c.get_run(run_id)
     assert run.data.params == {"lr": "0.001"} and run.data.tags["mlflow.parentRunId"] == parent

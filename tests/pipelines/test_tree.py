@@ -40,9 +40,19 @@ def test_an_override_that_would_be_lost_or_split_the_stages_is_refused_naming_th
     assert says in str(err.value)
 
 
-def test_a_stage_command_may_name_its_own_teacher():
-    tree = with_overrides(pipeline("quickstart"), {"distill.teacher": "models:/oftsr-teacher@champion"}, "distill")
+@pytest.mark.parametrize("key", ["distill.teacher", "teacher"])
+def test_a_stage_command_may_name_its_own_teacher(key):
+    tree = with_overrides(pipeline("quickstart"), {key: "models:/oftsr-teacher@champion"}, "distill")
     assert tree.stage("distill").teacher == "models:/oftsr-teacher@champion"
+
+
+def test_a_bare_field_of_the_stage_is_the_stage_s_own_under_its_command():
+    tree = with_overrides(pipeline("quickstart"), {"teacher": "/t", "out": "/cache", "batch": "2"}, "trajectories")
+    cfg = tree.stage("trajectories")
+    assert (cfg.teacher, cfg.out, cfg.batch) == ("/t", "/cache", 2)
+    assert tree.out == pipeline("quickstart").out  # the pipeline's output folder is untouched
+    with pytest.raises(ValueError, match=r"method\.crop"):
+        with_overrides(pipeline("quickstart"), {"data.crop": "32"}, "trajectories")
 
 
 def test_mlflow_tracking_uri_is_the_default_of_every_stage_and_shown_by_dry_run(monkeypatch):

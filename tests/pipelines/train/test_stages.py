@@ -18,7 +18,7 @@ from pipelines.train.checkpoint import load_checkpoint, load_teacher
 from tests.helpers import photo_workdir
 from tests.helpers import stage_config as small
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = pytest.mark.timeout(660)  # 212 s measured on a slow 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_mlflow_holds_one_run_per_stage_with_params_metrics_tags_and_images(teac
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.params["preset"] == "tiny" and run.data.params["optim.lr"] == "0.001"
+    assert run.data.params["method.preset"] == "tiny" and run.data.params["optim.lr"] == "0.001"
     assert run.data.params["data.crop"] == "64" and run.data.params["workers"] == "2"
     assert {"train/loss", "train/lr", "train/images_per_s", "train/grad_norm"} <= set(run.data.metrics)
     assert len(run.data.tags["oftsr.git_commit"]) >= 7 and len(run.data.tags["oftsr.data_manifest_hash"]) == 16
