@@ -126,9 +126,10 @@ def with_overrides(tree: PipelineConfig, sets: dict[str, str], command: str) -> 
     if command in STAGES:  # `oftsr teacher --set optim.lr=...`: a stage's own field needs no prefix
         own = {f.name for f in dataclasses.fields(getattr(tree, command))}
 
-        def prefixed(key: str) -> str:  # a bare field of the stage is its own (`teacher`, `out`), not the tree's
-            group = key.partition(".")[0]
-            return key if group in top and not ("." not in key and key in own) else f"{command}.{key}"
+        def prefixed(key: str) -> str:
+            if key in own:  # a bare field of the stage is its own (`teacher`, `out`), not the tree's section
+                return f"{command}.{key}"
+            return key if key.partition(".")[0] in top else f"{command}.{key}"
 
         sets = {prefixed(k): v for k, v in sets.items()}
     reasons = [r for r in (refused(k, command) for k in sets) if r]

@@ -41,15 +41,14 @@ def test_a_stage_killed_mid_shard_shows_no_partial_shard_and_completes_on_rerun(
     ):
         args += ["--set", s]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - the killed process's output, read on failure
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list((tmp_path / "out").glob("trajectories/*/shard-*.parquet")):
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]  # ended before any shard
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-way through the shards
-    proc.wait(timeout=30)
-    log.close()
+    with open(tmp_path / "first.log", "w") as log:  # the killed process's output, read if it ends on its own
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and not list((tmp_path / "out").glob("trajectories/*/shard-*.parquet")):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]  # ended before any shard
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-way through the shards
+        proc.wait(timeout=30)
 
     (prefix,) = (tmp_path / "out" / "trajectories").iterdir()
     visible = sorted(prefix.glob("shard-*.parquet"))
