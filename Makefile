@@ -28,7 +28,7 @@ test: install lint
 	$(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q tests/core tests/pipelines/test_tree.py tests/pipelines/test_overrides.py tests/pipelines/test_progress.py
+	$(PY) -m pytest -q tests/core tests/pipelines/test_tree.py tests/pipelines/test_overrides.py tests/pipelines/test_progress.py tests/pipelines/test_shipped.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

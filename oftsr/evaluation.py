@@ -9,6 +9,7 @@ fidelity-realism curve plots distortion (PSNR) against perceptual distance, one 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sys
 from collections.abc import Sequence
@@ -88,9 +89,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate on HR crops ``(N, 3, H, W)`` in [-1, 1]; fixed noise (``settings.seed``) for every method.
 
-    Returns ``{"rows": [{"method", "t", "nfe", "psnr", "ssim", "st_lpips"[, "lpips"][, "fid"]}], "n": N}``, the
-    metrics averaged over the crops; ``fid`` (between each method's outputs and the HR crops, N >= 2) only when the
-    Inception weights are on this machine. A progress bar when ``progress`` (by default: stderr is a terminal).
+    Returns ``{"rows": [{"method", "t", "nfe", "psnr", "ssim", "st_lpips"[, "lpips"][, "fid"], "per_crop"}],
+    "n": N}``: the metrics averaged over the crops, and each crop's own (``per_crop``, for paired comparisons);
+    ``fid`` (between each method's outputs and the HR crops, N >= 2) only when the Inception weights are on this
+    machine. A progress bar when ``progress`` (by default: stderr is a terminal).
     """
     perceptual = Perceptual(device)
     if student is not None and torch.device(device).type == "cuda":
@@ -98,6 +100,7 @@ def evaluate(
 
         student = fast_student(student, device)  # bf16, compiled, CUDA graphs: what `oftsr upscale` serves
     sums: dict[tuple[str, float | None], dict[str, float]] = {}
+    per_crop: dict[tuple[str, float | None], dict[str, list[float]]] = {}  # paired comparisons between methods
     features: dict[tuple[str, float | None] | None, list[torch.Tensor]] = {}  # None: the HR crops
     nfe: dict[str, int] = {}
     n = hr.shape[0]
@@ -123,11 +126,13 @@ def evaluate(
             with evaluating(student):
                 v = conditioned(student, x_lr)
                 for t in settings.knobs:
-                    results[("student", float(t))] = one_step(v, x0, float(t))
+                    results[("student", float(t))] = one_step(v, x0, float(t), (m.t_min, m.t_max))
         for key, pred in results.items():
             acc = sums.setdefault(key, {})
+            crops = per_crop.setdefault(key, {})
             for name, values in _metrics(pred, x1, perceptual).items():
                 acc[name] = acc.get(name, 0.0) + float(values.sum())
+                crops.setdefault(name, []).extend(float(v) for v in values.flatten())
         if perceptual.inception is not None:
             for key, images in ((None, x1), *results.items()):
                 features.setdefault(key, []).append(perceptual.inception(images.clamp(-1, 1)).double().cpu())
@@ -139,6 +144,7 @@ def evaluate(
             "nfe": {"bicubic": 0, "student": 1}.get(method, nfe.get(method)),
         }
         row.update({k: v / n for k, v in acc.items()})
+        row["per_crop"] = per_crop[(method, t)]
         if features and n >= 2:
             row["fid"] = fid_from_features(torch.cat(features[(method, t)]), torch.cat(features[None]))
         rows.append(row)
@@ -239,6 +245,56 @@ def knob_trend(report: dict[str, Any]) -> dict[str, float]:
     }
 
 
+#: Floors of "monotone within noise" between neighbouring knob values: a rise smaller than this never counts. They
+#: are the size of the wiggles in the flat stretches of the quickstart's curves (t = 0-0.2 in PSNR, the realism end
+#: in perceptual distance) from one training run to the next of the same recipe.
+KNOB_TOLERANCE = {"psnr": 0.15, "st_lpips": 0.005, "lpips": 0.005}
+
+
+def _rise_noise(a: dict[str, Any], b: dict[str, Any], key: str, floor: float) -> float:
+    """The noise of ``b[key] - a[key]``: twice the standard error of the per-crop paired differences (the same crops
+    and noise for every knob value), at least ``floor``; ``floor`` alone without per-crop values."""
+    xs, ys = a.get("per_crop", {}).get(key), b.get("per_crop", {}).get(key)
+    if not xs or not ys or len(xs) != len(ys) or len(xs) < 2:
+        return floor
+    d = torch.tensor(ys, dtype=torch.float64) - torch.tensor(xs, dtype=torch.float64)
+    return max(floor, 2.0 * float(d.std()) / len(xs) ** 0.5)
+
+
+def knob_tradeoff(report: dict[str, Any], tolerance: dict[str, float] | None = None) -> dict[str, Any]:
+    """Does the student's knob trade fidelity for realism? ``{"holds": bool, "checks": [{"name", "ok", "detail"}]}``:
+
+    - the realism end: the perceptual distance at t = 1 is below the one at t = 0 and below bicubic's;
+    - the fidelity end: PSNR at t = 0 is above PSNR at t = 1;
+    - monotone within noise: from each knob value to the next, neither PSNR nor the perceptual distance rises by
+      more than its noise (twice the standard error of the per-crop paired difference, at least
+      ``tolerance[metric]``).
+    """
+    tol = {**KNOB_TOLERANCE, **(tolerance or {})}
+    metric = report["perceptual"]
+    curve = sorted((r for r in report["rows"] if r["method"] == "student"), key=lambda r: r["t"])
+    ends = {r["t"]: r for r in curve if r["t"] in (0.0, 1.0)}
+    bicubic = next((r for r in report["rows"] if r["method"] == "bicubic"), None)
+    if 0.0 not in ends or 1.0 not in ends or bicubic is None:
+        raise ValueError("knob_tradeoff needs the student at t = 0 and t = 1 and the bicubic row")
+    lo, hi = ends[0.0], ends[1.0]
+    beats = f"{metric} t=1 {hi[metric]:.4f} < bicubic {bicubic[metric]:.4f}"
+    checks = [
+        ("realism end", hi[metric] < lo[metric], f"{metric} t=1 {hi[metric]:.4f} < t=0 {lo[metric]:.4f}"),
+        ("beats bicubic", hi[metric] < bicubic[metric], beats),
+        ("fidelity end", lo["psnr"] > hi["psnr"], f"PSNR t=0 {lo['psnr']:.2f} > t=1 {hi['psnr']:.2f}"),
+    ]
+    for name, key in (("PSNR falls", "psnr"), (f"{metric} falls", metric)):
+        rises = []
+        for a, b in itertools.pairwise(curve):
+            noise = _rise_noise(a, b, key, tol[key])
+            if b[key] - a[key] > noise:
+                rises.append(f"t {a['t']:.1f}->{b['t']:.1f} rises {b[key] - a[key]:.4g} (noise {noise:.3g})")
+        checks.append((name, not rises, "; ".join(rises) or "no rise beyond the noise between neighbouring t"))
+    out = [{"name": n, "ok": bool(ok), "detail": d} for n, ok, d in checks]
+    return {"holds": all(c["ok"] for c in out), "checks": out}
+
+
 def strip(images: Sequence[torch.Tensor]) -> torch.Tensor:
     """Side-by-side uint8 ``(3, H, sum W)`` of ``(3, H, W)`` images in [-1, 1]."""
     from oftsr.conventions import image_to_uint8
@@ -248,8 +304,10 @@ def strip(images: Sequence[torch.Tensor]) -> torch.Tensor:
 
 __all__ = [
     "DEFAULT_KNOBS",
+    "KNOB_TOLERANCE",
     "EvalSettings",
     "evaluate",
+    "knob_tradeoff",
     "knob_trend",
     "markdown_table",
     "plot_curve",

@@ -30,10 +30,27 @@ def check_knob(t: float | torch.Tensor) -> float | torch.Tensor:
     return t
 
 
-def one_step(student: Velocity, x0: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-    """``x0 + v_phi(x0, t)``: the student's one-step output ``(B, 3, H, W)`` at knob ``t`` (scalar or ``(B,)``)."""
+#: The knob's trained range when a model does not record its own (DESIGN section 4: distillation draws t in it).
+TRAINED_RANGE: tuple[float, float] = (0.01, 0.99)
+
+
+def network_time(t: float | torch.Tensor, trained: tuple[float, float] = TRAINED_RANGE) -> float | torch.Tensor:
+    """The time at which the student is queried for knob ``t``: the knob's [0, 1] laid linearly over the range the
+    student was distilled on, ``t_min + t (t_max - t_min)``, so that knob 0 and 1 are the trained end points (where
+    the official code evaluates its students) and every knob value is a trained time (beyond ``t_max`` the time
+    embedding is one that distillation never trained). With the paper's range (0.01, 0.99) the knob and the time
+    differ by at most 0.01."""
+    lo, hi = trained
+    return lo + t * (hi - lo) if isinstance(t, torch.Tensor) else lo + float(t) * (hi - lo)
+
+
+def one_step(
+    student: Velocity, x0: torch.Tensor, t: float | torch.Tensor, trained: tuple[float, float] = TRAINED_RANGE
+) -> torch.Tensor:
+    """``x0 + v_phi(x0, t')``: the student's one-step output ``(B, 3, H, W)`` at knob ``t`` (scalar or ``(B,)``),
+    with ``t'`` the knob laid over the ``trained`` range (:func:`network_time`)."""
     check_knob(t)
-    return x0 + student(x0, as_time(t, x0.shape[0], x0.device))
+    return x0 + student(x0, as_time(network_time(t, trained), x0.shape[0], x0.device))
 
 
 @contextlib.contextmanager
@@ -57,11 +74,11 @@ def _pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
     return F.pad(x, (0, pw, 0, ph), mode=mode), h, w
 
 
-def _one_step_padded(net: nn.Module, x0: torch.Tensor, x_lr: torch.Tensor, t: float) -> torch.Tensor:
+def _one_step_padded(net: nn.Module, x0: torch.Tensor, x_lr: torch.Tensor, t: float, trained) -> torch.Tensor:
     multiple = getattr(net, "downsample_factor", 1)
     x0p, h, w = _pad_to(x0, multiple)
     x_lrp, _, _ = _pad_to(x_lr, multiple)
-    return one_step(conditioned(net, x_lrp), x0p, t)[..., :h, :w]
+    return one_step(conditioned(net, x_lrp), x0p, t, trained)[..., :h, :w]
 
 
 def _starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -97,6 +114,7 @@ def upscale(
     tile_batch: int = 16,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
+    trained: tuple[float, float] = TRAINED_RANGE,
 ) -> torch.Tensor:
     """Upscale LR images ``(B, 3, h, w)`` in [-1, 1] by ``sf`` with the one-step student at knob ``t``.
 
@@ -109,6 +127,7 @@ def upscale(
         overlap: HR pixels shared by neighbouring tiles (default ``tile // 4``).
         tile_batch: tiles evaluated per network call.
         generator, noise: the start's noise (``noise`` has the HR shape ``(B, 3, h sf, w sf)``).
+        trained: the model's trained knob range ``(t_min, t_max)`` (:func:`network_time`).
 
     Returns:
         ``(B, 3, h sf, w sf)`` in [-1, 1] (not clamped).
@@ -121,7 +140,7 @@ def upscale(
         x0 = noisy_start(x_lr, sigma_p, generator, noise=noise)
         b, _, height, width = x0.shape
         if tile is None or (height <= tile and width <= tile):
-            return _one_step_padded(net, x0, x_lr, t)
+            return _one_step_padded(net, x0, x_lr, t, trained)
         multiple = getattr(net, "downsample_factor", 1)
         if tile % multiple:
             raise ValueError(f"tile {tile} must be a multiple of the network's down-sampling factor {multiple}")
@@ -141,7 +160,7 @@ def upscale(
             chunk = jobs[k : k + tile_batch]
             x0_t = torch.stack([x0[i, :, y : y + th, x : x + tw] for i, y, x in chunk])
             xl_t = torch.stack([x_lr[i, :, y : y + th, x : x + tw] for i, y, x in chunk])
-            pred = _one_step_padded(net, x0_t, xl_t, t).float()
+            pred = _one_step_padded(net, x0_t, xl_t, t, trained).float()
             pred *= torch.stack([ramps[y, x] for _, y, x in chunk])[:, None]
             for (i, y, x), p in zip(chunk, pred, strict=True):
                 out[i, :, y : y + th, x : x + tw] += p

@@ -10,6 +10,7 @@ start (t = 0) to the HR end (t = 1) we keep, at each grid time ``t_k``, the aver
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import torch
 from torch import nn
@@ -70,28 +71,47 @@ def teacher_targets(
     the grid), ``v_bound`` and ``endpoint`` ``(B, 3, H, W)``, ``nfe`` (of the ODE solve)."""
     v = conditioned(net, x_lr)
     times = [0.0, *grid] + ([1.0] if grid[-1] < 1.0 else [])
-    sol = solve(v, x0, method=method, steps=steps_per_interval, time_grid=times, return_intermediates=True)
-    k = len(grid)
-    states = sol.states[1 : 1 + k]  # (K, B, ...)
+    k, b = len(grid), x0.shape[0]
+    steps_of = {}  # grid index -> the solver's step velocity from that grid point, where it is v_bar's own step
+    if {"midpoint": 0.5, "heun": 1.0}.get(method) == r and steps_per_interval == 1:
+        # One RK2 step per interval, with v_bar's parameter r: where the interval from t_k is v_bar's step
+        # (min(t_k + dt, t_max) - t_k), the solver's step velocity is v_bar_k itself; no second evaluation.
+        x, nfe, kept = x0, 0, []
+        for i, (ta, tb) in enumerate(itertools.pairwise(times)):
+            step = rk2_velocity(v, x, ta, tb - ta, r)
+            nfe += 2
+            if i >= 1 and abs((tb - ta) - (max(0.0, min(ta + dt, t_max) - ta))) < 1e-9:
+                steps_of[i - 1] = step
+            x = x + (tb - ta) * step
+            if i < k:
+                kept.append(x)
+        states, endpoint = torch.stack(kept), x
+    else:
+        sol = solve(v, x0, method=method, steps=steps_per_interval, time_grid=times, return_intermediates=True)
+        states, endpoint, nfe = sol.states[1 : 1 + k], sol.x, sol.nfe  # (K, B, ...)
     t_k = torch.tensor(grid, device=x0.device, dtype=x0.dtype).view(k, 1, 1, 1, 1)
     u_bar = (states - x0.unsqueeze(0)) / t_k
 
-    b = x0.shape[0]
-    flat = states.reshape(k * b, *x0.shape[1:])
-    t_flat = t_k.view(k, 1).expand(k, b).reshape(-1)
-    delta = torch.clamp(t_flat + dt, max=t_max) - t_flat
-    delta = torch.clamp(delta, min=0.0)
-    v_bar = torch.empty_like(flat)
-    rows_per_call = max(b, (chunk // b) * b)
-    for i in range(0, k * b, rows_per_call):
-        xs, ts, ds = flat[i : i + rows_per_call], t_flat[i : i + rows_per_call], delta[i : i + rows_per_call]
-        v_bar[i : i + rows_per_call] = rk2_velocity(v, xs, ts, ds, r)
+    v_bar = torch.empty_like(states)
+    for j, step in steps_of.items():
+        v_bar[j] = step
+    todo = [j for j in range(k) if j not in steps_of]
+    if todo:
+        flat = states[todo].reshape(len(todo) * b, *x0.shape[1:])
+        t_flat = torch.tensor([grid[j] for j in todo], device=x0.device, dtype=x0.dtype).repeat_interleave(b)
+        delta = torch.clamp(torch.clamp(t_flat + dt, max=t_max) - t_flat, min=0.0)
+        out = torch.empty_like(flat)
+        rows_per_call = max(b, (chunk // b) * b)
+        for i in range(0, flat.shape[0], rows_per_call):
+            xs, ts, ds = flat[i : i + rows_per_call], t_flat[i : i + rows_per_call], delta[i : i + rows_per_call]
+            out[i : i + rows_per_call] = rk2_velocity(v, xs, ts, ds, r)
+        v_bar[todo] = out.view(len(todo), b, *x0.shape[1:])
     v_bound = v(x0, torch.full((b,), t_min, device=x0.device))
     return {
         "u_bar": u_bar,
-        "v_bar": v_bar.view_as(u_bar),
+        "v_bar": v_bar,
         "states": states,
         "v_bound": v_bound,
-        "endpoint": sol.x,
-        "nfe": sol.nfe,
+        "endpoint": endpoint,
+        "nfe": nfe,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from pipelines.commands import (
     _cache,
@@ -30,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--photos", default="outputs/sample_photos", help="sample photo folder (default: %(default)s)")
     q.add_argument("--steps", type=int, default=400, help="training steps (default: %(default)s)")
     q.add_argument("--batch", type=int, default=16, help="crops per step (default: %(default)s)")
+    q.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: %(default)s)")
+    q.add_argument("--warmup-images", type=int, default=800, help="linear warm-up, in images (default: %(default)s)")
+    q.add_argument(
+        "--ema-half-life-images", type=float, default=1000.0, help="EMA half-life in images (default: %(default)s)"
+    )
+    q.add_argument("--seed", type=int, default=0, help="seed of the weights, crops and noise (default: %(default)s)")
     q.add_argument("--threads", type=int, default=0, help="torch threads, 0 for the default")
     q.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     q.set_defaults(func=_quickstart)
@@ -172,9 +179,11 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()  # the time breakdown of `oftsr run` counts from here
     parser = build_parser()
     parser.add_argument("-v", "--verbose", action="store_true", help="Ray's and the libraries' own logs on the console")
     args = parser.parse_args(argv)
+    args.started = started
     if args.verbose:
         os.environ["OFTSR_VERBOSE"] = "1"
     else:

@@ -11,10 +11,18 @@ from pipelines.overrides import parse_sets
 
 
 def _quickstart(args: argparse.Namespace) -> int:
+    from oftsr.training import OptimConfig
     from pipelines.local_teacher import LocalTeacherConfig, run
 
     cfg = LocalTeacherConfig(
-        out_dir=args.out, photos_dir=args.photos, steps=args.steps, batch=args.batch, threads=args.threads
+        out_dir=args.out,
+        photos_dir=args.photos,
+        steps=args.steps,
+        batch=args.batch,
+        optim=OptimConfig(lr=args.lr, warmup_images=args.warmup_images),
+        ema_half_life_images=args.ema_half_life_images,
+        seed=args.seed,
+        threads=args.threads,
     )
     if args.dry_run:
         print(cfg)
@@ -85,8 +93,8 @@ def _run(args: argparse.Namespace) -> int:
     from pipelines.pipeline import run_pipeline
 
     _ensure_samples(tree.data.source)
-    summary = run_pipeline(tree)
-    print(json.dumps({k: summary[k] for k in ("run_id", "curve", "trend")}, default=str))
+    summary = run_pipeline(tree, started=getattr(args, "started", None))
+    print(json.dumps({k: summary[k] for k in ("run_id", "curve", "trend", "time_s")}, default=str))
     return 0
 
 

@@ -5,8 +5,10 @@ a finished cache, a registered model of this pipeline), so the whole pipeline re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import torch
 
 from oftsr.augment import random_box
 from oftsr.conventions import uint8_to_image
-from oftsr.evaluation import evaluate, knob_trend, strip, write_report
+from oftsr.evaluation import evaluate, knob_tradeoff, knob_trend, strip, write_report
 from pipelines.data.decode import DecodeError
 from pipelines.data.manifest import list_images
 from pipelines.data.storage import filesystem, join_uri
@@ -66,9 +68,33 @@ def held_out_crops(cfg: EvalConfig, storage_options=None) -> tuple[torch.Tensor,
     return uint8_to_image(torch.stack(crops)), skipped
 
 
-def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
+class Timeline:
+    """Wall-clock seconds of the pipeline's phases, from ``started`` (the command's start, ``time.time()``):
+    start-up (imports, Ray, MLflow), each stage, evaluation, registry; printed at the end and kept in the summary."""
+
+    def __init__(self, started: float | None = None):
+        self.started = time.time() if started is None else started
+        self.mark, self.phases = self.started, {}
+
+    def lap(self, phase: str) -> None:
+        now = time.time()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.mark
+        self.mark = now
+
+    def line(self) -> str:
+        total = time.time() - self.started
+        parts = ", ".join(f"{k} {v:.0f} s" for k, v in self.phases.items())
+        return f"time: {parts}; total {int(total // 60)} min {total % 60:.0f} s"
+
+    def as_dict(self) -> dict[str, float]:
+        return {**{k: round(v, 1) for k, v in self.phases.items()}, "total": round(time.time() - self.started, 1)}
+
+
+def run_pipeline(cfg: PipelineConfig, *, log=print, started: float | None = None) -> dict[str, Any]:
+    """The whole pipeline; ``started`` (``time.time()`` when the command began) dates the time breakdown."""
     from pipelines.stage import prepare, tracked_run
 
+    timeline = Timeline(started)
     tracking = cfg.tracking.resolved()
     prepare(tracking, None)
     shown = {k: v for k, v in cfg.shown().items() if not k.startswith(("teacher.", "distill.", "trajectories."))}
@@ -82,9 +108,8 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict[str, Any]:
         tags={"oftsr.recipe": cfg.name},
         log=log,
     ) as run:
-        return _run(
-            cfg, dataclasses.replace(tracking, parent_run_id=run.run_id), run_key("pipeline", cfg.name, cfg.out), log
-        )
+        tracking = dataclasses.replace(tracking, parent_run_id=run.run_id)
+        return _run(cfg, tracking, run_key("pipeline", cfg.name, cfg.out), log, timeline)
 
 
 def _stage(cfg: StageConfig, log) -> tuple[str, str | None]:
@@ -99,20 +124,25 @@ def _stage(cfg: StageConfig, log) -> tuple[str, str | None]:
     return res["checkpoint"], res["run_id"]
 
 
-def _run(cfg: PipelineConfig, tracking: TrackingConfig, key: str, log) -> dict[str, Any]:
+def _run(cfg: PipelineConfig, tracking: TrackingConfig, key: str, log, timeline: Timeline) -> dict[str, Any]:
+    from pipelines.metric_logger import MetricLogger
     from pipelines.train.checkpoint import read_checkpoint
     from pipelines.train.driver import absolute
 
     parent = tracking.parent_run_id
     out = Path(absolute(cfg.out))
+    timeline.lap("start-up")
     teacher_ckpt, teacher_run = _stage(dataclasses.replace(cfg.stage("teacher"), tracking=tracking), log)
+    timeline.lap("teacher")
     distill_cfg = dataclasses.replace(cfg.stage("distill"), teacher=teacher_ckpt, tracking=tracking)
     if distill_cfg.targets == "cached":
         from pipelines.cache.stage import run_trajectories
 
         tcfg = dataclasses.replace(cfg.stage("trajectories"), teacher=teacher_ckpt, tracking=tracking)
         distill_cfg = dataclasses.replace(distill_cfg, cache=run_trajectories(tcfg, log=log)["uri"])
+        timeline.lap("trajectories")
     student_ckpt, distill_run = _stage(distill_cfg, log)
+    timeline.lap("distill")
 
     from oftsr.nets import UNet
 
@@ -122,15 +152,29 @@ def _run(cfg: PipelineConfig, tracking: TrackingConfig, key: str, log) -> dict[s
         nets[name] = UNet(ckpt["unet"])
         nets[name].load_state_dict(ckpt["ema"])
     report, paths = _evaluate(cfg, nets, out, tracking, log)
+    timeline.lap("evaluation")
+    tradeoff = knob_tradeoff(report)
+    verdict = "trades fidelity (t = 0) for realism (t = 1)"
+    verdict = verdict if tradeoff["holds"] else "does NOT trade fidelity for realism"
+    log(
+        f"knob: {verdict}"
+        + "".join(f"\n  {'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}" for c in tradeoff["checks"])
+    )
     registered = _register(cfg, nets, report, tracking, key, {"teacher": teacher_run, "student": distill_run}, log)
+    timeline.lap("registry")
+    log(timeline.line())
+    with contextlib.suppress(Exception):  # the models are registered: a tracking outage now costs this record only
+        MetricLogger(tracking.tracking_uri, parent).log({f"time/{k}_s": v for k, v in timeline.as_dict().items()}, 0)
     summary = {
         "run_id": parent,
         "teacher": teacher_ckpt,
         "student": student_ckpt,
         "trend": knob_trend(report),
+        "knob_tradeoff": tradeoff,
         "evaluation": str(paths["markdown"]),
         "curve": str(paths["curve"]),
         "registered": registered,
+        "time_s": timeline.as_dict(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
@@ -215,7 +259,8 @@ def _strip_png(student, hr: torch.Tensor, method, path: Path) -> None:
     nearest = torch.nn.functional.interpolate(lr, scale_factor=method.sf, mode="nearest")
     with evaluating(student):
         v = conditioned(student, x_lr)
-        lo, hi = one_step(v, x0, 0.0), one_step(v, x0, 1.0)
+        trained = (method.t_min, method.t_max)
+        lo, hi = one_step(v, x0, 0.0, trained), one_step(v, x0, 1.0, trained)
     rows = [strip([nearest[i], lo[i], hi[i], hr[i]]) for i in range(hr.shape[0])]
     Image.fromarray(torch.cat(rows, dim=1).permute(1, 2, 0).numpy()).save(path)
 

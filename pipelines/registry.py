@@ -49,7 +49,7 @@ class OftsrModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         from oftsr.conventions import image_to_uint8, uint8_to_image
-        from oftsr.infer import sample, upscale
+        from oftsr.infer import TRAINED_RANGE, sample, upscale
 
         params = params or {}
         arr = np.asarray(model_input)
@@ -69,6 +69,7 @@ class OftsrModel(mlflow.pyfunc.PythonModel):
                 kind=m["degradation"],
                 tile=tile,
                 generator=gen,
+                trained=(float(m.get("t_min", TRAINED_RANGE[0])), float(m.get("t_max", TRAINED_RANGE[1]))),
             )
         else:
             from oftsr.degrade import upsample

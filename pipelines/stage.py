@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -49,8 +50,23 @@ def prepare(tracking: TrackingConfig, storage: str | None, *, storage_shared: bo
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if not os.environ.get("OFTSR_VERBOSE"):
+        _quiet_ray_data_console()
     if storage is not None:
         preflight(storage, tracking.tracking_uri, storage_shared=storage_shared, what=what)
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines (each dataset's plan) and its note that progress bars are off stay in its log file
+    (``ray-data.log`` in the session's logs); its warnings and errors still reach the console."""
+    import logging
+
+    for handler in logging.getLogger("ray.data").handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and not getattr(handler, "_oftsr_quiet", False):
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(lambda record: not record.getMessage().startswith("Progress bars disabled"))
+            handler._oftsr_quiet = True
 
 
 @contextlib.contextmanager

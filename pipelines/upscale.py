@@ -11,7 +11,7 @@ from PIL import Image
 
 from oftsr.conventions import image_to_uint8, uint8_to_image
 from oftsr.engine import fast_student
-from oftsr.infer import check_knob, upscale
+from oftsr.infer import TRAINED_RANGE, check_knob, upscale
 from pipelines.data.decode import decode_image
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -84,6 +84,7 @@ def run_upscale(
                 tile=tile,
                 overlap=tile // 4,
                 generator=gen,
+                trained=(float(meta.get("t_min", TRAINED_RANGE[0])), float(meta.get("t_max", TRAINED_RANGE[1]))),
             )
             dst = output_path(out, src, sf, t)
             out.mkdir(parents=True, exist_ok=True)  # only once there is something to write

@@ -108,7 +108,9 @@ def stop_process_group(proc, sig=None) -> None:
 
 def stage_config(stage: str, root, **sets):
     """The quickstart ``stage`` config on the sample photos under ``root`` (folder ``photos``), with Ray results
-    under ``root/ray``, MLflow in ``root/mlflow.db``, and ``sets`` as ``--set`` overrides."""
+    under ``root/ray``, MLflow in ``root/mlflow.db``, and ``sets`` as ``--set`` overrides. Unless ``sets`` says
+    otherwise, a teacher trains from scratch (not from the shipped weights) and a distillation runs online: the
+    stage mechanics under test, whatever the quickstart's own budget (tests/pipelines/test_pipeline.py runs that)."""
     from pipelines.recipes import pipeline
     from pipelines.tree import with_overrides
 
@@ -118,8 +120,11 @@ def stage_config(stage: str, root, **sets):
         "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
     }
     own = {"storage_path": str(root / "ray"), "log_every_images": "64", "sample_grid": "2"}
+    if stage == "teacher":
+        own["pretrained"] = "none"
     if stage == "distill":
         own["teacher"] = str(root / "ray" / "quickstart-teacher")
+        own["targets"] = "online"
     own.update({k: str(v) for k, v in sets.items()})
     top = ("data.", "tracking.", "method.")
     base = {**shared, **{(k if k.startswith(top) else f"{stage}.{k}"): v for k, v in own.items()}}

@@ -227,11 +227,14 @@ def _compute(cfg, run, logger, prefix, key, shards, teacher_uri, max_shards, log
             num_cpus=cfg.cpus_per_actor,
             num_gpus=1 if cfg.use_gpu else 0,
         )
-        line = ProgressLine("trajectories", len(items), unit="shards")
+        per_key = cfg.crops_per_image * cfg.seeds_per_crop  # rows of a shard: its images times their samples
+        line = ProgressLine("trajectories", sum(len(shards[i]) for i in pending) * per_key, unit="rows")
         for row in ds.iter_rows():
             results.append(row)
-            line.update(len(results), f"{sum(int(r['rows']) for r in results)} rows")
-        line.update(len(results), final=True)
+            line.update(sum(int(r["rows"]) for r in results), f"{len(results)}/{len(items)} shards")
+        if len(results) == len(items):
+            line.total = sum(int(r["rows"]) for r in results)  # skipped images give fewer rows than planned
+        line.update(sum(int(r["rows"]) for r in results), f"{len(results)}/{len(items)} shards", final=True)
     seconds = time.perf_counter() - start
     new_rows = sum(int(r["rows"]) for r in results)
     skipped = [tuple(s) for r in results for s in json.loads(r["skipped"])]
@@ -277,7 +280,8 @@ def _compute(cfg, run, logger, prefix, key, shards, teacher_uri, max_shards, log
         },
         step=len(shards),
     )
-    log(f"trajectories: complete, {manifest['rows']} rows, {manifest['bytes'] / 1e6:.1f} MB -> {prefix}")
+    rate = f", {new_rows} new in {seconds:.0f} s ({new_rows / seconds:.2f} rows/s)" if new_rows else ""
+    log(f"trajectories: complete, {manifest['rows']} rows{rate}, {manifest['bytes'] / 1e6:.1f} MB -> {prefix}")
     return {
         "uri": prefix,
         "rows": manifest["rows"],

@@ -65,7 +65,7 @@ class StageConfig:
     pretrained: str | None = None  # teacher: optional unconditional ADM weights to warm-start from
     teacher: str | None = None  # distill: the teacher checkpoint folder or URI (required)
     targets: Literal["online", "cached"] = "online"
-    cache: str | None = None  # distill with targets=cached: the trajectory cache URI
+    cache: str | None = None  # distill with targets=cached: the trajectory cache URI (`oftsr run`: its own stage's)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     loss: DistillLossConfig = dataclasses.field(default_factory=DistillLossConfig)
     batch_per_worker: int = 8
@@ -96,8 +96,6 @@ class StageConfig:
             raise ValueError(f"run_name must be a non-empty name without '/', got {self.run_name!r}")
         if self.stage == "teacher" and self.targets != "online":
             raise ValueError("targets: only the distill stage has targets")
-        if self.targets == "cached" and not self.cache:
-            raise ValueError("cache: targets=cached needs the trajectory cache URI (set cache=URI)")
         for name in ("batch_per_worker", "total_images", "checkpoint_every_images", "log_every_images", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

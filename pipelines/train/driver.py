@@ -7,8 +7,10 @@ logging into the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import time
 from typing import Any
 
 from oftsr.method import check_agrees
@@ -86,6 +88,8 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
     cfg = resolve_paths(cfg)
     if not cfg.teacher and cfg.stage == "distill":
         raise ValueError("distill.teacher: the distill stage needs the teacher checkpoint (a folder or URI)")
+    if cfg.targets == "cached" and not cfg.cache:
+        raise ValueError("distill.cache: targets=cached needs the trajectory cache URI (set cache=URI)")
     prepare(cfg.tracking, cfg.storage_path, storage_shared=cfg.storage_shared)
     cache_manifest = None
     if cfg.targets == "cached":
@@ -126,10 +130,9 @@ def _train(cfg: StageConfig, run: StageRun, rows, cache_manifest, log) -> dict[s
     from pipelines.train.loop import train_loop_per_worker
 
     run_id = run.run_id
-    log(
-        f"{cfg.stage}: {len(rows)} source images, "
-        f"{cfg.total_images} images at {cfg.global_batch} per step on {cfg.workers} workers"
-    )
+    started = time.perf_counter()
+    source = f"{cache_manifest['rows']} cached rows" if cache_manifest is not None else f"{len(rows)} source images"
+    log(f"{cfg.stage}: {source}, {cfg.total_images} images at {cfg.global_batch} per step on {cfg.workers} workers")
 
     if cache_manifest is not None:
         from pipelines.cache.dataset import cached_dataset
@@ -177,7 +180,20 @@ def _train(cfg: StageConfig, run: StageRun, rows, cache_manifest, log) -> dict[s
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if checkpoint and storage_fs is not None:
         checkpoint = f"{protocol_of(cfg.storage_path)}://{checkpoint}"
-    log(f"{cfg.stage}: done at {out.get('images_seen')} images; checkpoint {checkpoint}")
+    # The stage's honest rate: images trained in this session over its wall-clock, start-up of the workers and
+    # the data pipeline included (train/images_per_s, logged by the workers, starts at their first batch).
+    seconds = time.perf_counter() - started
+    trained = int(out.get("images_seen") or 0) - int(out.get("images_at_start") or 0)
+    rates = {"stage/seconds": seconds, "stage/images_per_s": trained / max(seconds, 1e-9)}
+    with contextlib.suppress(Exception):  # a tracking outage costs the record, never the result
+        MetricLogger(cfg.tracking.tracking_uri, run_id).log(rates, step=int(out.get("images_seen") or 0))
+    step_rate = out.get("train/step_images_per_s")
+    log(
+        f"{cfg.stage}: done at {out.get('images_seen')} images in {seconds:.0f} s: "
+        f"{rates['stage/images_per_s']:.1f} images/s wall-clock"
+        + (f" (optimisation steps alone {step_rate:.1f} images/s)" if step_rate else "")
+        + f"; checkpoint {checkpoint}"
+    )
     return {
         "run_id": run_id,
         "resumed": run.resumed,

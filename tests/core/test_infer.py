@@ -3,7 +3,7 @@ import torch
 
 from oftsr.degrade import upsample
 from oftsr.flow import conditioned, noisy_start
-from oftsr.infer import check_knob, one_step, sample, tile_count, upscale
+from oftsr.infer import check_knob, network_time, one_step, sample, tile_count, upscale
 from oftsr.nets import build_unet
 from tests.helpers import PointwiseNet, perturbed_unet
 
@@ -17,7 +17,8 @@ def test_one_step_is_start_plus_velocity():
     net, x_lr = PointwiseNet(), torch.randn(2, 3, 8, 8)
     v = conditioned(net, x_lr)
     x0 = torch.randn(2, 3, 8, 8)
-    assert torch.allclose(one_step(v, x0, 0.3), x0 + v(x0, torch.full((2,), 0.3)))
+    assert torch.allclose(one_step(v, x0, 0.3, (0.0, 1.0)), x0 + v(x0, torch.full((2,), 0.3)))
+    assert torch.allclose(one_step(v, x0, 0.3), x0 + v(x0, torch.full((2,), 0.01 + 0.3 * 0.98)))
 
 
 @pytest.mark.parametrize(("height", "width"), [(20, 36), (13, 7), (16, 16)])
@@ -82,3 +83,28 @@ def test_teacher_sample_goes_through_the_solver():
     assert sol.nfe == 32 and sol.x.shape == x_lr.shape
     adaptive = sample(net, x_lr, sigma_p=0.2, method="rk45", noise=eps, rtol=1e-5, atol=1e-5)
     assert (sol.x - adaptive.x).abs().max() < 0.01
+
+
+def test_the_knob_spans_the_trained_range_of_the_network():
+    """Knob 0 and 1 are the trained end points (t_min, t_max), linear in between: every knob value is a trained time."""
+    seen = []
+
+    def velocity(x, t):
+        seen.append(t.clone())
+        return torch.zeros_like(x)
+
+    x0 = torch.zeros(2, 3, 8, 8)
+    for t in (0.0, 0.5, 1.0):
+        one_step(velocity, x0, t)
+    one_step(velocity, x0, 1.0, (0.1, 0.8))
+    one_step(velocity, x0, torch.tensor([0.0, 1.0]))
+    assert [round(float(t[0]), 6) for t in seen[:4]] == [0.01, 0.5, 0.99, 0.8]
+    assert torch.allclose(seen[4], torch.tensor([0.01, 0.99]))
+    assert network_time(0.5, (0.1, 0.8)) == pytest.approx(0.45) and network_time(0.0, (0.05, 0.95)) == 0.05
+    net = perturbed_unet(0.05)
+    lr = torch.rand(1, 3, 8, 8) * 2 - 1
+    ends = [
+        upscale(net, lr, t, sigma_p=0.2, generator=torch.Generator().manual_seed(0), trained=(0.1, 0.8))
+        for t in (0.9, 1.0)
+    ]
+    assert not torch.equal(*ends)  # no flat stretch at the end of the knob

@@ -34,7 +34,8 @@ def test_set_needs_key_value_and_flatten_gives_mlflow_params():
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_sets(["lr"])
     flat = flatten(recipe("quickstart", "distill"))
-    assert flat["optim.lr"] == 1e-4 and flat["loss.dt"] == 0.05 and flat["method.crop"] == 64
+    assert flat["optim.lr"] == 1e-3 and flat["loss.dt"] == 0.05 and flat["method.crop"] == 64
+    assert flat["method.t_max"] == 0.8 and flat["targets"] == "cached"
     assert all("." in k or not isinstance(v, dict) for k, v in flat.items())
 
 

@@ -101,6 +101,28 @@ def test_average_velocities_reproduce_the_teacher_states():
     assert out["endpoint"].shape == x0.shape and torch.isfinite(out["v_bar"]).all()
 
 
+def test_the_solver_step_serves_as_v_bar_where_it_is_the_same_step():
+    """One midpoint step per interval of a 0.05 grid with dt = 0.05: v_bar is the solver's own step velocity
+    (no second evaluation), equal to the RK2 velocity evaluated afresh at the stored states."""
+    from oftsr.flow import conditioned
+    from oftsr.solvers import rk2_velocity, solve
+
+    net = perturbed_tiny(0).eval()
+    hr = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    _, x_lr, x0, _ = sample_inputs(hr, [3, 4], sf=4, kind="bicubic", sigma_y=0.0, sigma_p=0.2)
+    grid = (0.01, 0.05, 0.1, 0.15, 0.2, 0.4, 0.99)  # shared steps at 0.05, 0.1, 0.15; separate at 0.01, 0.2, 0.4, 0.99
+    out = teacher_targets(net, x_lr, x0, grid, dt=0.05)
+    assert out["nfe"] == 2 * (len(grid) + 1)  # the ODE alone: v_bar adds evaluations only where it is not shared
+    v = conditioned(net, x_lr)
+    ref = solve(v, x0, method="midpoint", steps=1, time_grid=[0.0, *grid, 1.0], return_intermediates=True)
+    assert torch.equal(out["states"], ref.states[1:-1]) and torch.equal(out["endpoint"], ref.x)
+    with torch.no_grad():
+        for k, t in enumerate(grid):
+            delta = max(0.0, min(t + 0.05, 0.99) - t)
+            fresh = rk2_velocity(v, out["states"][k], t, delta, 0.5)
+            assert torch.allclose(out["v_bar"][k], fresh, atol=1e-5), t
+
+
 def test_two_teachers_or_two_sigmas_give_two_prefixes(workdir):
     from pipelines.cache.stage import plan
 
@@ -199,6 +221,8 @@ def test_cached_distillation_lowers_its_loss_and_moves_toward_the_teacher_endpoi
             "optim.lr": "1e-3",  # 2e-3 overshoots: the endpoint distance then falls by only 5-15 % and varies
             "optim.warmup_images": "32",
             "sample_grid": "0",
+            "method.t_max": "0.99",  # the cache's range (the quickstart's own trains the knob up to 0.8)
+            "loss.w_bound": "0.1",
         },
     )
     result = run_stage(cfg)
