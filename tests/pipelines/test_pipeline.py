@@ -120,7 +120,8 @@ def test_rerunning_from_another_folder_reuses_the_runs_and_registers_nothing_twi
 
     root, args, env, _ = pipeline_run
     # the job's data stay where they were (a bucket for a cluster job): here the photos the first run exported
-    data = ["--set", f"data.source={root / 'outputs' / 'sample_photos' / 'train'}"]
+    photos = root / "outputs" / "sample_photos"
+    data = ["--set", f"data.source={photos / 'train'}", "--set", f"evaluate.source={photos / 'heldout'}"]
     again = subprocess.run([*args, *data], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "teacher: reusing the finished checkpoint" in again.stdout
