@@ -99,8 +99,7 @@ def evaluate(
         from oftsr.engine import fast_student
 
         student = fast_student(student, device)  # bf16, compiled, CUDA graphs: what `oftsr upscale` serves
-    sums: dict[tuple[str, float | None], dict[str, float]] = {}
-    per_crop: dict[tuple[str, float | None], dict[str, list[float]]] = {}  # paired comparisons between methods
+    per_crop: dict[tuple[str, float | None], dict[str, list[float]]] = {}  # means, and paired comparisons
     features: dict[tuple[str, float | None] | None, list[torch.Tensor]] = {}  # None: the HR crops
     nfe: dict[str, int] = {}
     n = hr.shape[0]
@@ -128,23 +127,21 @@ def evaluate(
                 for t in settings.knobs:
                     results[("student", float(t))] = one_step(v, x0, float(t), (m.t_min, m.t_max))
         for key, pred in results.items():
-            acc = sums.setdefault(key, {})
             crops = per_crop.setdefault(key, {})
             for name, values in _metrics(pred, x1, perceptual).items():
-                acc[name] = acc.get(name, 0.0) + float(values.sum())
-                crops.setdefault(name, []).extend(float(v) for v in values.flatten())
+                crops.setdefault(name, []).extend(values.flatten().tolist())
         if perceptual.inception is not None:
             for key, images in ((None, x1), *results.items()):
                 features.setdefault(key, []).append(perceptual.inception(images.clamp(-1, 1)).double().cpu())
     rows = []
-    for (method, t), acc in sums.items():
+    for (method, t), crops in per_crop.items():
         row: dict[str, Any] = {
             "method": method,
             "t": t,
             "nfe": {"bicubic": 0, "student": 1}.get(method, nfe.get(method)),
         }
-        row.update({k: v / n for k, v in acc.items()})
-        row["per_crop"] = per_crop[(method, t)]
+        row.update({k: sum(v) / n for k, v in crops.items()})
+        row["per_crop"] = crops
         if features and n >= 2:
             row["fid"] = fid_from_features(torch.cat(features[(method, t)]), torch.cat(features[None]))
         rows.append(row)

@@ -23,6 +23,8 @@ import torch
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS: tuple[str, ...] = ("euler", "midpoint", "heun", "rk2", "rk45")
+#: The RK2 parameter r of the named second-order methods (``rk2`` takes its own).
+RK2_PARAMETER: dict[str, float] = {"midpoint": 0.5, "heun": 1.0}
 
 
 @dataclasses.dataclass
@@ -117,7 +119,7 @@ def solve(
         return _rk45(velocity, x0, t0, t1, rtol, atol, time_grid, return_intermediates)
     if time_grid is None and not t1 > t0:
         raise ValueError(f"solve integrates forward: need t0 < t1, got t0={t0}, t1={t1}")
-    r = {"midpoint": 0.5, "heun": 1.0}.get(method, r)
+    r = RK2_PARAMETER.get(method, r)
     if method != "euler" and not 0.0 < r <= 1.0:
         raise ValueError(f"rk2 parameter r must lie in (0, 1], got {r}")
     grid = _grid(t0, t1, steps, time_grid)

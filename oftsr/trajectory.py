@@ -18,7 +18,7 @@ from torch import nn
 from oftsr.conventions import uint8_to_image
 from oftsr.degrade import degrade
 from oftsr.flow import conditioned, noise_from_seed, noisy_start
-from oftsr.solvers import rk2_velocity, solve
+from oftsr.solvers import RK2_PARAMETER, rk2_velocity, solve
 
 
 def sample_seed(cache_seed: int, key: str, crop_index: int, seed_index: int) -> int:
@@ -73,7 +73,7 @@ def teacher_targets(
     times = [0.0, *grid] + ([1.0] if grid[-1] < 1.0 else [])
     k, b = len(grid), x0.shape[0]
     steps_of = {}  # grid index -> the solver's step velocity from that grid point, where it is v_bar's own step
-    if {"midpoint": 0.5, "heun": 1.0}.get(method) == r and steps_per_interval == 1:
+    if RK2_PARAMETER.get(method) == r and steps_per_interval == 1:
         # One RK2 step per interval, with v_bar's parameter r: where the interval from t_k is v_bar's step
         # (min(t_k + dt, t_max) - t_k), the solver's step velocity is v_bar_k itself; no second evaluation.
         x, nfe, kept = x0, 0, []

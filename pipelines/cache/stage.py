@@ -217,6 +217,7 @@ def _compute(cfg, run, logger, prefix, key, shards, teacher_uri, max_shards, log
     log(f"trajectories: {len(shards)} shards ({len(done)} done, {len(pending)} to compute) -> {prefix}")
     start = time.perf_counter()
     results: list[dict[str, Any]] = []
+    new_rows = 0
     if pending:
         items = [{"shard": i, "keys": json.dumps(shards[i])} for i in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -231,12 +232,12 @@ def _compute(cfg, run, logger, prefix, key, shards, teacher_uri, max_shards, log
         line = ProgressLine("trajectories", sum(len(shards[i]) for i in pending) * per_key, unit="rows")
         for row in ds.iter_rows():
             results.append(row)
-            line.update(sum(int(r["rows"]) for r in results), f"{len(results)}/{len(items)} shards")
+            new_rows += int(row["rows"])
+            line.update(new_rows, f"{len(results)}/{len(items)} shards")
         if len(results) == len(items):
-            line.total = sum(int(r["rows"]) for r in results)  # skipped images give fewer rows than planned
-        line.update(sum(int(r["rows"]) for r in results), f"{len(results)}/{len(items)} shards", final=True)
+            line.total = new_rows  # skipped images give fewer rows than planned
+        line.update(new_rows, f"{len(results)}/{len(items)} shards", final=True)
     seconds = time.perf_counter() - start
-    new_rows = sum(int(r["rows"]) for r in results)
     skipped = [tuple(s) for r in results for s in json.loads(r["skipped"])]
     metrics = {
         "trajectories/new_rows": new_rows,
