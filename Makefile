@@ -3,16 +3,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-# torch, torchvision and lpips go in ONE pip command, or pip replaces torch behind our back.
-TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1 lpips==0.1.4
+# The pins (torch, torchvision, lpips, ray) live in pins.txt, read here and by cluster/Dockerfile. torch, torchvision
+# and lpips go in ONE pip command, or pip replaces torch behind our back. GPU users may override:
+#   make install PINS="torch==2.11.0 torchvision==0.26.0 lpips==0.1.4 --index-url https://download.pytorch.org/whl/cu128"
+PINS ?= $(shell sed -e 's/\#.*//' pins.txt)
 
-.PHONY: quickstart test test-fast lint install clean
+.PHONY: quickstart test test-fast lint install clean print-pins
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile pins.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e ".[dev]" $(TORCH_PINS)
+	$(PIP) install -q $(PINS)
+	$(PIP) install -q -e ".[dev]" $(PINS)
 	touch $@
 
 install: $(VENV)/.installed
@@ -28,7 +30,10 @@ test: install lint
 	$(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q tests/core tests/pipelines/test_tree.py tests/pipelines/test_overrides.py tests/pipelines/test_progress.py tests/pipelines/test_shipped.py
+	$(PY) -m pytest -q tests/core tests/pipelines/test_tree.py tests/pipelines/test_overrides.py tests/pipelines/test_progress.py tests/pipelines/test_shipped.py tests/test_pins.py
+
+print-pins:
+	@echo $(PINS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

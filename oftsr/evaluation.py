@@ -92,8 +92,43 @@ def evaluate(
     Returns ``{"rows": [{"method", "t", "nfe", "psnr", "ssim", "st_lpips"[, "lpips"][, "fid"], "per_crop"}],
     "n": N}``: the metrics averaged over the crops, and each crop's own (``per_crop``, for paired comparisons);
     ``fid`` (between each method's outputs and the HR crops, N >= 2) only when the Inception weights are on this
-    machine. A progress bar when ``progress`` (by default: stderr is a terminal).
+    machine. A progress bar when ``progress`` (by default: stderr is a terminal). The same as
+    :func:`combine` of :func:`evaluate_shard` over any split of the crops at multiples of ``settings.batch``.
     """
+    part = evaluate_shard(hr, settings, student=student, teacher=teacher, device=device, progress=progress)
+    return combine([part], settings)
+
+
+def shard_bounds(n: int, batch: int, shards: int) -> list[tuple[int, int]]:
+    """``[(start, stop)]``: ``n`` crops in at most ``shards`` nearly equal parts that start at multiples of
+    ``batch`` (so that every part draws the same batches, and the same noise, as one pass over all of them)."""
+    batches = -(-n // batch)
+    shards = max(1, min(shards, batches))
+    per, extra = divmod(batches, shards)
+    bounds, start = [], 0
+    for k in range(shards):
+        stop = min(n, start + (per + (k < extra)) * batch)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+@torch.no_grad()
+def evaluate_shard(
+    hr: torch.Tensor,
+    settings: EvalSettings,
+    *,
+    student: nn.Module | None = None,
+    teacher: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    offset: int = 0,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """The per-crop metrics (and Inception features) of crops ``offset .. offset + N`` of a held-out set, ``hr``
+    being those crops: one part for :func:`combine`. ``offset`` must be a multiple of ``settings.batch``: the noise
+    and degradation of a crop depend on its batch, so shards at batch boundaries give exactly one pass's numbers."""
+    if offset % settings.batch:
+        raise ValueError(f"offset {offset} is not a multiple of the evaluation batch ({settings.batch})")
     perceptual = Perceptual(device)
     if student is not None and torch.device(device).type == "cuda":
         from oftsr.engine import fast_student
@@ -102,16 +137,15 @@ def evaluate(
     per_crop: dict[tuple[str, float | None], dict[str, list[float]]] = {}  # means, and paired comparisons
     features: dict[tuple[str, float | None] | None, list[torch.Tensor]] = {}  # None: the HR crops
     nfe: dict[str, int] = {}
-    n = hr.shape[0]
-    batches = range(0, n, settings.batch)
+    batches = range(0, hr.shape[0], settings.batch)
     for i in tqdm(batches, desc="evaluate", disable=not (sys.stderr.isatty() if progress is None else progress)):
         x1 = hr[i : i + settings.batch].to(device)
-        b = x1.shape[0]
-        gen = torch.Generator().manual_seed(settings.seed * 100_003 + i)
+        b, at = x1.shape[0], offset + i
+        gen = torch.Generator().manual_seed(settings.seed * 100_003 + at)
         m = settings.method
         _, x_lr = degrade(x1.cpu(), m.sf, m.degradation, m.sigma_y, gen)
         x_lr = x_lr.to(device)
-        eps = noise_from_seed(x1.shape[1:], [settings.seed * 1_000_003 + i + j for j in range(b)], device=device)
+        eps = noise_from_seed(x1.shape[1:], [settings.seed * 1_000_003 + at + j for j in range(b)], device=device)
         x0 = noisy_start(x_lr, m.sigma_p, noise=eps)
         results: dict[tuple[str, float | None], torch.Tensor] = {("bicubic", None): x_lr}
         if teacher is not None:
@@ -133,6 +167,41 @@ def evaluate(
         if perceptual.inception is not None:
             for key, images in ((None, x1), *results.items()):
                 features.setdefault(key, []).append(perceptual.inception(images.clamp(-1, 1)).double().cpu())
+    return {
+        "offset": offset,
+        "n": hr.shape[0],
+        "per_crop": per_crop,
+        "features": {k: torch.cat(v) for k, v in features.items()},
+        "nfe": nfe,
+        "perceptual": "lpips" if perceptual.lpips is not None else "st_lpips",
+    }
+
+
+def combine(parts: Sequence[dict[str, Any]], settings: EvalSettings) -> dict[str, Any]:
+    """One report (see :func:`evaluate`) from the parts that :func:`evaluate_shard` computed for consecutive crops
+    of one held-out set, in any order. Refuses parts that leave a gap or overlap, or that measured with different
+    perceptual networks (LPIPS weights on some machines only); FID only when every part has Inception features."""
+    parts = sorted(parts, key=lambda p: p["offset"])
+    at = 0
+    for p in parts:
+        if p["offset"] != at:
+            raise ValueError(f"evaluation parts do not tile the crops: one starts at {p['offset']}, expected {at}")
+        at += p["n"]
+    kinds = {p["perceptual"] for p in parts}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"evaluation parts measured with different perceptual networks ({', '.join(sorted(kinds))}): the LPIPS "
+            "weights are on some machines only; put them on every node (torch hub cache) or on none"
+        )
+    n = at
+    per_crop: dict[tuple[str, float | None], dict[str, list[float]]] = {}
+    for p in parts:
+        for key, metrics in p["per_crop"].items():
+            crops = per_crop.setdefault(key, {})
+            for name, values in metrics.items():
+                crops.setdefault(name, []).extend(values)
+    with_features = all(p["features"] for p in parts) and n >= 2
+    nfe = {k: max(p["nfe"].get(k, 0) for p in parts) for p in parts for k in p["nfe"]}
     rows = []
     for (method, t), crops in per_crop.items():
         row: dict[str, Any] = {
@@ -142,15 +211,11 @@ def evaluate(
         }
         row.update({k: sum(v) / n for k, v in crops.items()})
         row["per_crop"] = crops
-        if features and n >= 2:
-            row["fid"] = fid_from_features(torch.cat(features[(method, t)]), torch.cat(features[None]))
+        if with_features:
+            feats = [torch.cat([p["features"][key] for p in parts]) for key in ((method, t), None)]
+            row["fid"] = fid_from_features(*feats)
         rows.append(row)
-    return {
-        "rows": rows,
-        "n": n,
-        "perceptual": "lpips" if perceptual.lpips is not None else "st_lpips",
-        "settings": dataclasses.asdict(settings),
-    }
+    return {"rows": rows, "n": n, "perceptual": kinds.pop(), "settings": dataclasses.asdict(settings)}
 
 
 def markdown_table(report: dict[str, Any]) -> str:

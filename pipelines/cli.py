@@ -134,8 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("recipe", nargs="?", help="the recipe, when TARGET is a stage")
     j.add_argument("--address", default=default_address, help="Ray job server (default: %(default)s)")
     j.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    j.add_argument("--num-cpus", type=float, default=0.5, help="CPUs reserved for the driver (default: 0.5)")
+    j.add_argument(
+        "--num-cpus",
+        type=float,
+        default=0,
+        help="CPUs reserved for the driver (default: 0: a job that reserves nothing runs on the head node; reserving "
+        "CPUs or GPUs lets Ray place the driver on any node that has them)",
+    )
     j.add_argument("--num-gpus", type=float, default=0, help="GPUs reserved for the driver (default: 0)")
+    j.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the job would run and where (job server, entrypoint, MLflow, storage) without submitting",
+    )
     j.add_argument("--job-id", default=None, help="submission id (default: generated)")
     j.add_argument("--wait", action="store_true", help="follow the logs; exit with the job's final status")
     j.add_argument("--quiet", action="store_true", help="with --wait: do not print the logs")

@@ -217,6 +217,9 @@ def _upscale(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from pipelines import submit
 
+    if args.dry_run:
+        print(submit.describe(args.address, args.target, args.recipe, args.set, args.num_cpus, args.num_gpus))
+        return 0
     job_id = submit.submit(
         args.address,
         args.target,

@@ -17,11 +17,12 @@ import torch
 
 from oftsr.augment import random_box
 from oftsr.conventions import uint8_to_image
-from oftsr.evaluation import evaluate, knob_tradeoff, knob_trend, strip, write_report
+from oftsr.evaluation import knob_tradeoff, knob_trend, strip, write_report
 from pipelines.data.decode import DecodeError
 from pipelines.data.manifest import list_images
 from pipelines.data.storage import filesystem, join_uri
 from pipelines.data.transforms import crop_array, fetch_image
+from pipelines.evaluation import evaluate_distributed
 from pipelines.tracking import TrackingConfig, run_key
 from pipelines.train.config import StageConfig
 from pipelines.tree import EvalConfig, PipelineConfig
@@ -186,12 +187,28 @@ def _evaluate(cfg: PipelineConfig, nets, out: Path, tracking: TrackingConfig, lo
 
     parent = tracking.parent_run_id
     hr, skipped = held_out_crops(cfg.evaluate, cfg.data.storage_options)
-    log(f"evaluate: {hr.shape[0]} held-out crops, knobs {list(cfg.evaluate.knobs)}")
-    report = evaluate(hr, cfg.evaluate, student=nets["student"], teacher=nets["teacher"])
+    where = cfg.distill  # the evaluation asks for what one of the distillation's workers asks for
+    shards = min(where.workers, -(-hr.shape[0] // cfg.evaluate.batch))
+    log(
+        f"evaluate: {hr.shape[0]} held-out crops, knobs {list(cfg.evaluate.knobs)}, in {shards} Ray tasks of "
+        + ("1 GPU" if where.use_gpu else f"{where.cpus_per_worker:g} CPU")
+    )
+    report = evaluate_distributed(
+        hr,
+        cfg.evaluate,
+        student=nets["student"],
+        teacher=nets["teacher"],
+        shards=shards,
+        use_gpu=where.use_gpu,
+        cpus_per_shard=where.cpus_per_worker,
+        strip=min(4, hr.shape[0]),
+        log=log,
+    )
     report["skipped"] = skipped
+    strip_images = report.pop("strip")
     folder = out / "evaluation"
     paths = write_report(report, folder, title=f"{cfg.name}: fidelity-realism curve")
-    _strip_png(nets["student"], hr[:4], cfg.method, folder / "strip.png")
+    _strip_png(strip_images, hr[: strip_images["t0"].shape[0]], folder / "strip.png")
     metric = report["perceptual"]
     flat = {}
     for r in report["rows"]:
@@ -246,22 +263,11 @@ def _register(cfg: PipelineConfig, nets, report, tracking: TrackingConfig, key: 
     return registered
 
 
-def _strip_png(student, hr: torch.Tensor, method, path: Path) -> None:
+def _strip_png(images: dict[str, torch.Tensor], hr: torch.Tensor, path: Path) -> None:
     """Rows of LR (nearest) | t = 0 | t = 1 | HR."""
     from PIL import Image
 
-    from oftsr.degrade import degrade
-    from oftsr.flow import conditioned, noisy_start
-    from oftsr.infer import evaluating, one_step
-
-    lr, x_lr = degrade(hr, method.sf, method.degradation, method.sigma_y, torch.Generator().manual_seed(1))
-    x0 = noisy_start(x_lr, method.sigma_p, torch.Generator().manual_seed(0))
-    nearest = torch.nn.functional.interpolate(lr, scale_factor=method.sf, mode="nearest")
-    with evaluating(student):
-        v = conditioned(student, x_lr)
-        trained = (method.t_min, method.t_max)
-        lo, hi = one_step(v, x0, 0.0, trained), one_step(v, x0, 1.0, trained)
-    rows = [strip([nearest[i], lo[i], hi[i], hr[i]]) for i in range(hr.shape[0])]
+    rows = [strip([images["lr"][i], images["t0"][i], images["t1"][i], hr[i]]) for i in range(hr.shape[0])]
     Image.fromarray(torch.cat(rows, dim=1).permute(1, 2, 0).numpy()).save(path)
 
 

@@ -32,7 +32,7 @@ def quickstart() -> PipelineConfig:
     the shipped ``tiny`` teacher (:mod:`pipelines.shipped`: made beforehand by ``oftsr local-teacher``, the exact
     command in its record) and fine-tunes it briefly; the trajectory stage caches its ODE on the training crops;
     the one-step student is distilled from that cache (``--set distill.targets=online`` distils online instead)."""
-    from pipelines.shipped import shipped_weights
+    from pipelines.shipped import shipped_uri
 
     method = Method(
         sf=4, degradation="bicubic", sigma_p=0.2, crop=64, preset="tiny", t_max=QUICKSTART["knob_trained_max"]
@@ -57,7 +57,7 @@ def quickstart() -> PipelineConfig:
             QUICKSTART["teacher_images"],
             QUICKSTART["teacher_lr"],
             0,
-            pretrained=shipped_weights("quickstart_teacher"),
+            pretrained=shipped_uri("quickstart_teacher"),
             ema_half_life_images=QUICKSTART["teacher_images"] / 4,
             checkpoint_every_images=QUICKSTART["teacher_images"],
             **common,

@@ -48,6 +48,22 @@ def shipped_weights(name: str) -> str:
     return str(path)
 
 
+#: How a config names shipped weights: resolved on whichever node loads them (each has the project: the image, or
+#: the job's working_dir), never a path of the driver's machine.
+SCHEME = "shipped://"
+
+
+def shipped_uri(name: str) -> str:
+    """``shipped://NAME``, after checking the file here (a damaged checkout fails when the recipe is built)."""
+    shipped_weights(name)
+    return SCHEME + name
+
+
+def resolve(path: str) -> str:
+    """The local path of ``shipped://NAME`` on this node (checked against its record); other paths unchanged."""
+    return shipped_weights(path[len(SCHEME) :]) if path.startswith(SCHEME) else path
+
+
 def ship(name: str, trained: str | Path, command: str) -> dict[str, Any]:
     """Copy the EMA weights of an ``oftsr local-teacher`` output folder ``trained`` into ``assets/NAME.safetensors``
     and write its record: SHA-256, the command that made it, its data, its held-out figures, the software."""
@@ -108,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["ASSETS", "record", "sha256_of", "ship", "shipped_weights"]
+__all__ = ["ASSETS", "SCHEME", "record", "resolve", "sha256_of", "ship", "shipped_uri", "shipped_weights"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

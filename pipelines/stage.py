@@ -26,6 +26,7 @@ from pipelines.raycluster import ensure_ray
 from pipelines.tracking import (
     TrackingConfig,
     check_reachable,
+    client,
     finish_run,
     git_commit,
     run_key,
@@ -69,6 +70,15 @@ def _quiet_ray_data_console() -> None:
             handler._oftsr_quiet = True
 
 
+def _tag_driver_node(tracking_uri: str, run_id: str) -> None:
+    """``oftsr.driver_node``: the Ray node address of this driver (on a cluster: the head, see cluster/README.md)."""
+    import ray
+
+    if ray.is_initialized():
+        with contextlib.suppress(Exception):  # a record, not a reason to stop
+            client(tracking_uri).set_tag(run_id, "oftsr.driver_node", ray.util.get_node_ip_address())
+
+
 @contextlib.contextmanager
 def tracked_run(
     kind: str,
@@ -92,6 +102,7 @@ def tracked_run(
         parent_run_id=tracking.parent_run_id,
     )
     log(f"{kind}: MLflow run {run_id} ({'resumed' if resumed else 'new'})")
+    _tag_driver_node(tracking.tracking_uri, run_id)
     run = StageRun(run_id, resumed, tracking.tracking_uri)
     try:
         yield run

@@ -92,13 +92,14 @@ def submit(
     recipe: str | None,
     sets: list[str],
     *,
-    num_cpus: float = 0.5,
+    num_cpus: float = 0,
     num_gpus: float = 0,
     job_id: str | None = None,
     agent_wait_s: float = 120.0,
 ) -> str:
     """Submit; a cluster whose job agent is still starting ("no available agent") is retried for up to
-    ``agent_wait_s`` seconds. The arguments are checked before any connection is made."""
+    ``agent_wait_s`` seconds. The arguments are checked before any connection is made. A job that reserves no
+    resources (the default) has its driver on the head node, where losing a worker node cannot kill it."""
     command, env = entrypoint(target, recipe, sets), runtime_env()
     c = client(address)
     deadline = time.time() + agent_wait_s
@@ -108,7 +109,7 @@ def submit(
                 entrypoint=command,
                 runtime_env=env,
                 submission_id=job_id,
-                entrypoint_num_cpus=num_cpus,
+                entrypoint_num_cpus=num_cpus or None,
                 entrypoint_num_gpus=num_gpus or None,
                 metadata={"oftsr.target": target, "oftsr.recipe": recipe or target},
             )
@@ -116,6 +117,52 @@ def submit(
             if "No available agent" not in str(err) or time.time() > deadline:
                 raise
             time.sleep(3)
+
+
+def describe(address: str, target: str, recipe: str | None, sets: list[str], num_cpus: float = 0, num_gpus: float = 0):
+    """``oftsr submit --dry-run``: what the job would run and where, from the recipe resolved here with the same
+    overrides (the job resolves it again on the cluster): job server, entrypoint, where the driver runs, the code it
+    ships, the MLflow server and the storage every stage writes to. Local paths and a local MLflow store are flagged:
+    on a cluster of more than one node the stages refuse them (:mod:`pipelines.preflight`)."""
+    from pipelines.overrides import parse_sets
+    from pipelines.recipes import pipeline
+    from pipelines.tree import with_overrides
+
+    command = entrypoint(target, recipe, sets)
+    stage = target if target in STAGES else None
+    tree = with_overrides(pipeline(recipe if stage else target), parse_sets(sets), stage or "run")
+    stages = [stage] if stage else [s for s in STAGES if s != "trajectories" or tree.distill.targets == "cached"]
+    places: list[tuple[str, str]] = [("data", tree.data.source)]
+    for s in stages:
+        cfg = tree.stage(s)
+        places.append((f"{s} storage", cfg.out if s == "trajectories" else cfg.storage_path))
+    if not stage:
+        places.append(("held-out photos", tree.evaluate.source))
+    uri = tree.tracking.tracking_uri
+    lines = [
+        f"{'job server:':<18}{address} (not contacted: --dry-run)",
+        f"{'entrypoint:':<18}{command}",
+        f"{'driver:':<18}"
+        + (
+            f"any node with {num_cpus:g} CPU / {num_gpus:g} GPU free (reserved)"
+            if num_cpus or num_gpus
+            else "the head node (the job reserves nothing)"
+        ),
+        f"{'code:':<18}working_dir {project_root()} (excluding {', '.join(EXCLUDES)})",
+        f"{'MLflow:':<18}{uri}"
+        + (
+            ""
+            if uri.startswith(("http://", "https://"))
+            else "  <- local to the driver: workers on other nodes cannot reach it (use an MLflow server)"
+        ),
+    ]
+    for name, where in places:
+        where = str(where)
+        local = not where.startswith(("s3://", "gs://", "abfs://", "az://", "hf://"))
+        lines.append(f"{name + ':':<18}{where}" + ("  <- local path: every node must mount it" if local else ""))
+    if not stage:
+        lines.append(f"{'reports:':<18}{tree.out} (written by the driver, on its node; also logged to MLflow)")
+    return "\n".join(lines)
 
 
 def wait(address: str, job_id: str, *, timeout_s: float = 0, follow: bool = True, log=print) -> str:

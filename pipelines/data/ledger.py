@@ -33,7 +33,12 @@ class RayLedger:
     """Serializable handle to the ledger actor; ``record`` raises ``TooManyBadImages`` in the reporting task."""
 
     def __init__(self, max_fraction: float, min_seen: int):
-        self._actor = _LedgerActor.remote(max_fraction, min_seen)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's node: an actor that Ray placed on a worker node would take every decode task down with
+        # that node (a lost node must cost only its own workers; the driver's node going away ends the stage anyway).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._actor = _LedgerActor.options(scheduling_strategy=here).remote(max_fraction, min_seen)
 
     def record(self, seen: int, skipped: list[tuple[str, str]]) -> None:
         from pipelines.data.transforms import TooManyBadImages

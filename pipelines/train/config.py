@@ -77,6 +77,9 @@ class StageConfig:
     workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # How Ray places the training workers (Ray Train's placement group strategy): PACK fills a node first (one
+    # 8-GPU node: NVLink); SPREAD puts them on different nodes where it can.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # GPU speed (DESIGN section 10): None means "on CUDA only". fast_modules: SDPA attention and fused
     # GroupNorm + scale-shift + SiLU (same weights, same checkpoints); compile: torch.compile of the DDP model.
@@ -107,6 +110,11 @@ class StageConfig:
             raise ValueError(f"ddp_bucket_mb must be >= 1, got {self.ddp_bucket_mb}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(
+                "placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                f"got {self.placement_strategy!r}"
+            )
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self.max_failures < -1:

@@ -7,6 +7,7 @@ optimizer, the images seen and rank 0's RNG, so no image is counted twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import ray.train
 import ray.train.torch
+import ray.util
 import torch
 import torch.distributed as dist
 
@@ -70,7 +72,9 @@ def _networks(cfg: StageConfig) -> tuple[UNet, UNet | None]:
     if cfg.stage == "teacher":
         net = UNet(preset_config(cfg.method.preset, image_size=cfg.method.crop, **cfg.unet))
         if cfg.pretrained:
-            load_weights(net, cfg.pretrained)
+            from pipelines.shipped import resolve
+
+            load_weights(net, resolve(cfg.pretrained))
         return net, None
     unet_cfg, weights = load_teacher(cfg.teacher, cfg.data.storage_options)
     student = UNet(unet_cfg)
@@ -80,6 +84,27 @@ def _networks(cfg: StageConfig) -> tuple[UNet, UNet | None]:
     teacher = UNet(unet_cfg)
     teacher.load_state_dict(weights)
     return student, teacher.eval().requires_grad_(False)
+
+
+def _record_worker_nodes(cfg: StageConfig, run_id: str | None, logger: MetricLogger | None, world: int) -> None:
+    """Tag the run with the Ray node addresses its training workers ran on (``oftsr.worker_nodes``: every attempt's,
+    so a run that lost a node and resumed elsewhere names both). Every rank takes part; rank 0 writes."""
+    here = ray.util.get_node_ip_address()
+    nodes = [here] * world
+    if world > 1 and dist.is_initialized():
+        dist.all_gather_object(nodes, here)
+    if logger is None or run_id is None:
+        return
+    with contextlib.suppress(Exception):  # a record, not a reason to stop training
+        from pipelines.tracking import client
+
+        before = client(cfg.tracking.tracking_uri).get_run(run_id).data.tags.get("oftsr.worker_nodes", "")
+        seen = {n for n in before.split(",") if n} | set(nodes)
+        logger.set_tags({"oftsr.worker_nodes": ",".join(sorted(seen)), "oftsr.workers_per_node": _per_node(nodes)})
+
+
+def _per_node(nodes: list[str]) -> str:
+    return ",".join(f"{n}={nodes.count(n)}" for n in sorted(set(nodes)))
 
 
 def make_objective(cfg: StageConfig, teacher: torch.nn.Module | None) -> Objective:
@@ -149,8 +174,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             gen.set_state(state["rng"])
 
     logger = MetricLogger(cfg.tracking.tracking_uri, run_id, background=True) if rank == 0 and run_id else None
-    if logger and passed_over:
-        logger.set_tags({"oftsr.resumed_from": resumed_from, "oftsr.corrupt_checkpoints": " | ".join(passed_over)})
+    if logger and ckpt is not None:  # which checkpoint this attempt continued from (and any passed over)
+        tags = {"oftsr.resumed_from": resumed_from, "oftsr.resumed_at_images": str(images_seen)}
+        logger.set_tags({**tags, **({"oftsr.corrupt_checkpoints": " | ".join(passed_over)} if passed_over else {})})
+    _record_worker_nodes(cfg, run_id, logger, world)
     objective = make_objective(cfg, teacher)
     shard = ray.train.get_dataset_shard("train")
     next_log = (images_seen // cfg.log_every_images + 1) * cfg.log_every_images

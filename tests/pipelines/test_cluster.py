@@ -21,6 +21,10 @@ VENV_BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.timeout(600)
 
 
+KUBERAY = ROOT / "cluster" / "kuberay"
+JOBS = ["pipeline", "teacher", "distill"]
+
+
 def test_launcher_yaml_validates_against_the_schema_shipped_with_ray():
     import jsonschema
     import ray
@@ -28,53 +32,177 @@ def test_launcher_yaml_validates_against_the_schema_shipped_with_ray():
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
     config = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
     jsonschema.validate(config, schema)
-    gpu = config["available_node_types"]["gpu_8xh100"]
+    head, gpu = config["available_node_types"]["head"], config["available_node_types"]["gpu_8xh100"]
     assert gpu["node_config"]["InstanceType"] == "p5.48xlarge" and gpu["max_workers"] >= 1
-    assert any("pip install" in c and "oftsr" in c for c in config["setup_commands"])
+    # the head keeps Ray's own role (the autoscaler's EC2 rights); the workers get S3 through an instance profile
+    assert "IamInstanceProfile" not in head["node_config"] and "IamInstanceProfile" in gpu["node_config"]
+    # every node runs the image; no set-up command may hide its failure
+    assert config["docker"]["image"] and not config.get("file_mounts")
+    commands = [
+        *config["setup_commands"],
+        *gpu.get("initialization_commands", []),
+        *gpu.get("worker_setup_commands", []),
+    ]
+    assert commands and not any("|| true" in c or "; true" in c for c in commands)
+    assert any("nvidia-smi" in c for c in gpu["initialization_commands"])
+    assert any("device_count" in c for c in gpu["worker_setup_commands"])
 
 
-def _containers(spec):
-    yield from spec["headGroupSpec"]["template"]["spec"]["containers"]
+# The fields of the KubeRay v1 CRDs (KubeRay 1.6 API reference) that a manifest here may use, by object.
+KUBERAY_FIELDS = {
+    "RayCluster": {"apiVersion", "kind", "metadata", "spec"},
+    "RayJob": {"apiVersion", "kind", "metadata", "spec"},
+    "RayClusterSpec": {
+        "suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
+        "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs", "authOptions",
+    },
+    "AuthOptions": {"mode", "secretName", "enableK8sTokenAuth"},
+    "HeadGroupSpec": {"template", "headService", "enableIngress", "rayStartParams", "serviceType"},
+    "WorkerGroupSpec": {
+        "suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "rayStartParams",
+        "template", "scaleStrategy", "numOfHosts",
+    },
+    "RayJobSpec": {
+        "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+        "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML", "jobId",
+        "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus", "ttlSecondsAfterFinished",
+        "shutdownAfterJobFinishes", "suspend", "schedule",
+    },
+}  # fmt: skip
+
+
+def _kustomize(folder: Path) -> list[dict]:
+    """The manifests as `kubectl apply -k` sends them (kubectl's built-in kustomize, offline)."""
+    out = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _image_component() -> str:
+    images = yaml.safe_load((KUBERAY / "image" / "kustomization.yaml").read_text())["images"]
+    assert [i["name"] for i in images] == ["oftsr"]
+    return f"{images[0]['newName']}:{images[0]['newTag']}"
+
+
+def _check_cluster_spec(spec: dict, image: str) -> None:
+    def only(obj: dict, kind: str) -> None:
+        extra = set(obj) - KUBERAY_FIELDS[kind]
+        assert not extra, f"{kind} has fields that the KubeRay v1 CRDs do not: {sorted(extra)}"
+
+    only(spec, "RayClusterSpec")
+    assert spec["rayVersion"] == _pinned_ray()
+    only(spec["authOptions"], "AuthOptions")
+    assert spec["authOptions"]["mode"] == "token" and spec["authOptions"]["secretName"]
+    only(spec["headGroupSpec"], "HeadGroupSpec")
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # drivers only on the head
+    pods = [spec["headGroupSpec"]["template"]["spec"]]
     for group in spec["workerGroupSpecs"]:
-        yield from group["template"]["spec"]["containers"]
+        only(group, "WorkerGroupSpec")
+        assert group["groupName"] and group["maxReplicas"] >= group.get("minReplicas", 0)
+        assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        pods.append(group["template"]["spec"])
+    for pod in pods:
+        assert pod["serviceAccountName"] == "oftsr"  # S3 through a cloud role bound to it, or ...
+        for container in pod["containers"]:
+            assert container["image"] == image
+            # ... the optional secret; never a key written in the manifest
+            assert {"secretRef": {"name": "oftsr-s3", "optional": True}} in container["envFrom"]
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert not any(k.startswith("AWS_") for k in env)
+            assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow:5000"
 
 
-@pytest.mark.parametrize(
-    "name", ["raycluster.yaml", "rayjob-pipeline.yaml", "rayjob-teacher.yaml", "rayjob-distill.yaml"]
-)
-def test_kuberay_manifests_carry_the_required_fields(name):
-    doc = yaml.safe_load((ROOT / "cluster" / "kuberay" / name).read_text())
-    assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
-    if doc["kind"] == "RayJob":
-        spec = doc["spec"]
-        assert spec["entrypoint"].startswith("oftsr ")
-        assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
-        assert "working_dir" in yaml.safe_load(spec["runtimeEnvYAML"])
-        cluster = spec["rayClusterSpec"]
-    else:
-        assert doc["kind"] == "RayCluster"
-        cluster = doc["spec"]
-    for group in cluster["workerGroupSpecs"]:
-        assert group["groupName"] and "maxReplicas" in group
-        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        assert limits["nvidia.com/gpu"] == "8"
-    for container in _containers(cluster):
-        assert container["image"]
-        env = {e["name"]: e for e in container.get("env", [])}
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            assert "secretKeyRef" in env[key]["valueFrom"] and "value" not in env[key]
+def test_the_raycluster_renders_with_the_image_token_auth_and_credentials_from_the_namespace():
+    (doc,) = _kustomize(KUBERAY / "raycluster")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
+    assert set(doc) <= KUBERAY_FIELDS["RayCluster"]
+    _check_cluster_spec(doc["spec"], _image_component())
 
 
-@pytest.mark.parametrize("name", ["rayjob-pipeline.yaml", "rayjob-teacher.yaml", "rayjob-distill.yaml"])
-def test_each_job_entrypoint_resolves_through_the_recipe_tree(name):
-    """The shipped command lines must pass the CLI's own checks (a refused override would fail the job on start)."""
+@pytest.mark.parametrize("job", JOBS)
+def test_each_rayjob_runs_its_driver_on_the_head_and_can_be_rerun(job):
+    (doc,) = _kustomize(KUBERAY / "jobs" / job)
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    assert set(doc) <= KUBERAY_FIELDS["RayJob"]
+    spec = doc["spec"]
+    extra = set(spec) - KUBERAY_FIELDS["RayJobSpec"]
+    assert not extra, f"RayJobSpec has fields that the KubeRay v1 CRDs do not: {sorted(extra)}"
+    # reserving anything would let Ray place the driver on a GPU worker, whose loss kills the driver
+    assert not {"entrypointNumCpus", "entrypointNumGpus", "entrypointResources"} & set(spec)
+    assert spec["entrypoint"].startswith("oftsr ") and spec["backoffLimit"] >= 1
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert "working_dir" not in yaml.safe_load(spec["runtimeEnvYAML"])  # the image's code
+    _check_cluster_spec(spec["rayClusterSpec"], _image_component())
+
+
+def test_the_shared_manifests_give_an_mlflow_server_at_the_uri_the_pods_use():
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _kustomize(KUBERAY / "shared")}
+    service, deployment = docs["Service", "mlflow"], docs["Deployment", "mlflow"]
+    assert ("ServiceAccount", "oftsr") in docs and ("PersistentVolumeClaim", "mlflow-db") in docs
+    assert service["spec"]["ports"][0]["port"] == 5000
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == _image_component() and pod["serviceAccountName"] == "oftsr"
+    assert deployment["spec"]["template"]["metadata"]["labels"].items() >= service["spec"]["selector"].items()
+    args = container["command"]
+    assert args[:2] == ["mlflow", "server"] and "--port=5000" in args
+    hosts = next(a for a in args if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
+    assert "mlflow:5000" in hosts  # the Host header of http://mlflow:5000, or MLflow refuses the requests
+    assert any(a.startswith("--artifacts-destination=s3://") for a in args)
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_the_launcher_and_kuberay_name_the_same_image():
+    config = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    assert config["docker"]["image"] == _image_component()
+
+
+def _pinned_ray() -> str:
+    from tests.test_pins import pins
+
+    return pins()["ray"]
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_each_job_entrypoint_resolves_and_its_dry_run_shows_mlflow_and_s3(job):
+    """The shipped command lines must pass the CLI's own checks (a refused override would fail the job on start),
+    and ``oftsr submit --dry-run`` of the same command shows the MLflow server and the S3 storage it will use."""
     import shlex
 
-    entrypoint = yaml.safe_load((ROOT / "cluster" / "kuberay" / name).read_text())["spec"]["entrypoint"]
-    argv = [*shlex.split(entrypoint)[1:], "--dry-run"]
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True, timeout=120)
+    entrypoint = yaml.safe_load((KUBERAY / "jobs" / job / "rayjob.yaml").read_text())["spec"]["entrypoint"]
+    argv = shlex.split(entrypoint)[1:]
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *argv, "--dry-run"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
-    assert "s3://my-bucket/ffhq256" in out.stdout and "mlflow.mlflow.svc.cluster.local" in out.stdout
+    assert "s3://my-bucket/ffhq256" in out.stdout and "http://mlflow:5000" in out.stdout
+    submit_argv = ["submit", *(argv[1:] if argv[0] == "run" else argv)]  # `oftsr submit RECIPE | STAGE RECIPE`
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *submit_argv, "--address", "http://10.0.0.1:8265", "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(":", 1) for line in out.stdout.splitlines())
+    assert lines["MLflow"].strip() == "http://mlflow:5000"
+    assert lines["driver"].strip().startswith("the head node")
+    stages = [k for k in lines if k.endswith(" storage")]
+    assert stages and all(lines[k].strip().startswith("s3://") and "<-" not in lines[k] for k in stages)
+    assert "not contacted" in lines["job server"]
+
+
+def test_a_dry_run_flags_local_storage_and_a_local_mlflow_store():
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "submit", "teacher", "quickstart", "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(":", 1) for line in out.stdout.splitlines())
+    assert "local to the driver" in lines["MLflow"] and "local path" in lines["teacher storage"]
 
 
 def test_a_local_storage_path_on_a_multi_node_cluster_is_refused():

@@ -1,5 +1,7 @@
 """Evaluation: FID joins the table when the Inception weights are on the machine, and only then."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -68,3 +70,73 @@ def test_curve_labels_one_group_of_touching_points():
     ]
     groups = _touching(rows[:5], "st_lpips", rows)
     assert [[r["t"] for r in g] for g in groups] == [[0.0], [0.1, 0.2, 0.3], [0.4]]
+
+
+def _rows(report):
+    return {(r["method"], r["t"]): r for r in report["rows"]}
+
+
+def test_shards_at_batch_boundaries_give_exactly_the_one_pass_report(crops, net, tmp_path, monkeypatch):
+    import dataclasses
+    import random
+
+    from oftsr.evaluation import combine, evaluate_shard, shard_bounds
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    settings = dataclasses.replace(SETTINGS, method=Method(sigma_p=0.2, sigma_y=0.05), batch=2)  # noise in the LR too
+    whole = evaluate(crops, settings, student=net, teacher=net, progress=False)
+    bounds = shard_bounds(crops.shape[0], settings.batch, 3)
+    assert bounds == [(0, 2), (2, 4), (4, 6)]
+    parts = [evaluate_shard(crops[a:b], settings, student=net, teacher=net, offset=a) for a, b in bounds]
+    random.Random(0).shuffle(parts)  # in any order, as Ray returns them
+    merged = combine(parts, settings)
+    assert merged["n"] == whole["n"] and _rows(merged).keys() == _rows(whole).keys()
+    for key, row in _rows(whole).items():
+        assert _rows(merged)[key] == row  # every mean and every per-crop value, exactly
+
+    with pytest.raises(ValueError, match="do not tile the crops: one starts at 4, expected 2"):
+        combine([p for p in parts if p["offset"] != 2], settings)
+    with pytest.raises(ValueError, match="offset 1 is not a multiple of the evaluation batch"):
+        evaluate_shard(crops[1:3], settings, student=net, offset=1)
+    with pytest.raises(ValueError, match="different perceptual networks"):
+        combine([{**parts[0], "perceptual": "lpips"}, *parts[1:]], settings)
+
+
+def test_shard_bounds_cover_every_crop_once_at_batch_multiples():
+    from oftsr.evaluation import shard_bounds
+
+    for n in (1, 5, 16, 17, 100):
+        for batch in (1, 4, 16):
+            for shards in (1, 2, 3, 8, 64):
+                bounds = shard_bounds(n, batch, shards)
+                assert bounds[0][0] == 0 and bounds[-1][1] == n and len(bounds) <= shards
+                assert all(a % batch == 0 and a < b for a, b in bounds)
+                assert all(b == c for (_, b), (c, _) in itertools.pairwise(bounds))
+
+
+def test_the_pipeline_evaluation_runs_in_ray_tasks_and_matches_one_pass(crops, net, ray_cluster, tmp_path, monkeypatch):
+    """The driver only orchestrates: shards run as Ray tasks (here on the local cluster's CPUs) and the merged report
+    is the in-process one (to float rounding: the tasks' thread count differs)."""
+    import dataclasses
+
+    from pipelines.evaluation import evaluate_distributed, strip_outputs
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    settings = dataclasses.replace(SETTINGS, batch=2)
+    lines = []
+    report = evaluate_distributed(
+        crops, settings, student=net, teacher=net, shards=2, use_gpu=False, cpus_per_shard=0.5, strip=2,
+        log=lines.append,
+    )  # fmt: skip
+    whole = evaluate(crops, settings, student=net, teacher=net, progress=False)
+    for key, row in _rows(whole).items():
+        got = _rows(report)[key]
+        for metric in ("psnr", "ssim", "st_lpips"):
+            assert got[metric] == pytest.approx(row[metric], rel=1e-4, abs=1e-5), (key, metric)
+    assert [(s["start"], s["stop"]) for s in report["shards"]] == [(0, 4), (4, 6)]
+    assert all(s["node_id"] and s["ip"] for s in report["shards"])
+    assert len(lines) == 2 and all(line.startswith("evaluate: shard ") for line in lines)
+    expected = strip_outputs(net, crops[:2], settings.method)
+    assert set(report["strip"]) == {"lr", "t0", "t1"}
+    for k, v in expected.items():
+        assert torch.allclose(report["strip"][k], v, atol=1e-4)

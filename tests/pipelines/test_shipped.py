@@ -20,7 +20,8 @@ def test_the_quickstart_teacher_is_verified_and_fits_the_quickstart_network():
     assert shipped.sha256_of(path) == rec["sha256"]
     assert rec["command"].startswith("oftsr local-teacher ")
     tree = pipeline("quickstart")
-    assert tree.teacher.pretrained == path  # the quickstart warm-starts from it
+    assert tree.teacher.pretrained == "shipped://quickstart_teacher"  # the quickstart warm-starts from it, found
+    assert shipped.resolve(tree.teacher.pretrained) == path  # on whichever node loads it
     assert rec["recipe"]["preset"] == tree.method.preset and rec["recipe"]["crop"] == tree.method.crop
     assert rec["recipe"]["sigma_p"] == tree.method.sigma_p and tuple(rec["data"]["held_out"]) == ("chelsea", "flower")
     load_weights(build_unet(tree.method.preset, image_size=tree.method.crop), path)  # strict: every key and shape
