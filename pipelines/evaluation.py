@@ -52,6 +52,7 @@ def _shard(
     import ray
 
     device = "cuda" if use_gpu else "cpu"
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     student = student.to(device) if student is not None else None
     teacher = teacher.to(device) if teacher is not None else None
     began = time.perf_counter()

@@ -190,8 +190,9 @@ def _evaluate(cfg: PipelineConfig, nets, out: Path, tracking: TrackingConfig, lo
     where = cfg.distill  # the evaluation asks for what one of the distillation's workers asks for
     shards = min(where.workers, -(-hr.shape[0] // cfg.evaluate.batch))
     log(
-        f"evaluate: {hr.shape[0]} held-out crops, knobs {list(cfg.evaluate.knobs)}, in {shards} Ray tasks of "
-        + ("1 GPU" if where.use_gpu else f"{where.cpus_per_worker:g} CPU")
+        f"evaluate: {hr.shape[0]} held-out crops, knobs {list(cfg.evaluate.knobs)}, in {shards} Ray "
+        + ("task" if shards == 1 else "tasks")
+        + (" of 1 GPU" if where.use_gpu else f" of {where.cpus_per_worker:g} CPU")
     )
     report = evaluate_distributed(
         hr,

@@ -86,7 +86,8 @@ def quickstart() -> PipelineConfig:
             checkpoint_every_images=QUICKSTART["distill_images"],
             **common,
         ),
-        evaluate=EvalConfig(source=f"{SAMPLE_PHOTOS}/heldout", crops_per_image=8),
+        # batches of 8: the 16 held-out crops in two Ray tasks, one per core (sigma_y = 0: the numbers of one batch)
+        evaluate=EvalConfig(source=f"{SAMPLE_PHOTOS}/heldout", crops_per_image=8, batch=8),
         out="outputs/quickstart",
     )
 
