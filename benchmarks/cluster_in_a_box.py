@@ -55,7 +55,12 @@ def single_node(folder: Path) -> dict:
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     summary = json.loads((folder / "out" / "summary.json").read_text())
-    return {"wall_s": round(wall, 1), "time_s": summary["time_s"], "time_line": _time_line(out.stdout)}
+    return {
+        "wall_s": round(wall, 1),
+        "time_s": summary["time_s"],
+        "time_line": _time_line(out.stdout),
+        "console": out.stdout.splitlines(),
+    }
 
 
 def multinode(folder: Path) -> dict:
@@ -97,6 +102,7 @@ def multinode(folder: Path) -> dict:
             "time_s": seconds,
             "worker_nodes_used": len(nodes),
             "worker_nodes": nodes,
+            "console": out.stdout.splitlines(),
         }
 
 
