@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import describe  # noqa: E402
 
+from tests.helpers import quickstart_command  # noqa: E402
 from tests.netns_cluster import BUCKET, NetnsCluster  # noqa: E402
 from tests.pipelines.test_multinode import quickstart_sets  # noqa: E402
 
@@ -38,16 +39,7 @@ def _time_line(text: str) -> str:
 
 
 def single_node(folder: Path) -> dict:
-    sets = {
-        "out": folder / "out",
-        "tracking.tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
-        "teacher.storage_path": folder / "ray",
-        "distill.storage_path": folder / "ray",
-        "trajectories.out": folder / "cache",
-    }
-    cmd = [sys.executable, "-m", "pipelines.cli", "run", "quickstart"]
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
+    cmd = quickstart_command(folder)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
     started = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=folder)

@@ -108,12 +108,11 @@ def evaluate_distributed(
             f"evaluate: shard {len(parts)}/{len(bounds)} (crops {a}-{b - 1}) done on {part['node']['ip']} "
             f"in {part['seconds']:.0f} s"
         )
+    parts.sort(key=lambda p: p["offset"])
     report = combine(parts, settings)
     report["shards"] = [
-        {"start": p["offset"], "stop": p["offset"] + p["n"], "seconds": p["seconds"], **p["node"]}
-        for p in sorted(parts, key=lambda p: p["offset"])
+        {"start": p["offset"], "stop": p["offset"] + p["n"], "seconds": p["seconds"], **p["node"]} for p in parts
     ]
-    first = min(parts, key=lambda p: p["offset"])
-    if "strip" in first:
-        report["strip"] = first["strip"]
+    if "strip" in parts[0]:
+        report["strip"] = parts[0]["strip"]
     return report

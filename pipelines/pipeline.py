@@ -17,7 +17,7 @@ import torch
 
 from oftsr.augment import random_box
 from oftsr.conventions import uint8_to_image
-from oftsr.evaluation import knob_tradeoff, knob_trend, strip, write_report
+from oftsr.evaluation import knob_tradeoff, knob_trend, shard_bounds, strip, write_report
 from pipelines.data.decode import DecodeError
 from pipelines.data.manifest import list_images
 from pipelines.data.storage import filesystem, join_uri
@@ -188,7 +188,7 @@ def _evaluate(cfg: PipelineConfig, nets, out: Path, tracking: TrackingConfig, lo
     parent = tracking.parent_run_id
     hr, skipped = held_out_crops(cfg.evaluate, cfg.data.storage_options)
     where = cfg.distill  # the evaluation asks for what one of the distillation's workers asks for
-    shards = min(where.workers, -(-hr.shape[0] // cfg.evaluate.batch))
+    shards = len(shard_bounds(hr.shape[0], cfg.evaluate.batch, where.workers))
     log(
         f"evaluate: {hr.shape[0]} held-out crops, knobs {list(cfg.evaluate.knobs)}, in {shards} Ray "
         + ("task" if shards == 1 else "tasks")

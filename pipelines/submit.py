@@ -124,6 +124,7 @@ def describe(address: str, target: str, recipe: str | None, sets: list[str], num
     overrides (the job resolves it again on the cluster): job server, entrypoint, where the driver runs, the code it
     ships, the MLflow server and the storage every stage writes to. Local paths and a local MLflow store are flagged:
     on a cluster of more than one node the stages refuse them (:mod:`pipelines.preflight`)."""
+    from pipelines.data.storage import protocol_of
     from pipelines.overrides import parse_sets
     from pipelines.recipes import pipeline
     from pipelines.tree import with_overrides
@@ -158,7 +159,7 @@ def describe(address: str, target: str, recipe: str | None, sets: list[str], num
     ]
     for name, where in places:
         where = str(where)
-        local = not where.startswith(("s3://", "gs://", "abfs://", "az://", "hf://"))
+        local = protocol_of(where) == "file"  # the rule preflight applies on the cluster
         lines.append(f"{name + ':':<18}{where}" + ("  <- local path: every node must mount it" if local else ""))
     if not stage:
         lines.append(f"{'reports:':<18}{tree.out} (written by the driver, on its node; also logged to MLflow)")

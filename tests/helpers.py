@@ -106,6 +106,23 @@ def stop_process_group(proc, sig=None) -> None:
         proc.wait(timeout=30)
 
 
+def quickstart_command(root) -> list[str]:
+    """``oftsr run quickstart`` with its outputs moved below ``root`` (results, MLflow store, checkpoints, cache):
+    nothing that changes what is trained or how it is evaluated."""
+    import sys
+    from pathlib import Path
+
+    root = Path(root)
+    sets = {
+        "out": root / "out",
+        "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+        "teacher.storage_path": root / "ray",
+        "distill.storage_path": root / "ray",
+        "trajectories.out": root / "cache",
+    }
+    return [sys.executable, "-m", "pipelines.cli", "run", "quickstart", *(f"--set={k}={v}" for k, v in sets.items())]
+
+
 def stage_config(stage: str, root, **sets):
     """The quickstart ``stage`` config on the sample photos under ``root`` (folder ``photos``), with Ray results
     under ``root/ray``, MLflow in ``root/mlflow.db``, and ``sets`` as ``--set`` overrides. Unless ``sets`` says

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import quickstart_command
+
 # The shipped quickstart: about 9 minutes on a slow 2-core machine (docs/quickstart.md); machines differ by 3x.
 pytestmark = pytest.mark.timeout(1800)
 
@@ -22,16 +24,7 @@ def pipeline_run(tmp_path_factory, ray_cluster):
     import ray
 
     root = tmp_path_factory.mktemp("pipeline")
-    sets = {  # where the results go; nothing that changes what is trained or how it is evaluated
-        "out": root / "out",
-        "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-        "teacher.storage_path": root / "ray",
-        "distill.storage_path": root / "ray",
-        "trajectories.out": root / "cache",
-    }
-    args = [sys.executable, "-m", "pipelines.cli", "run", "quickstart"]
-    for k, v in sets.items():
-        args += ["--set", f"{k}={v}"]
+    args = quickstart_command(root)  # only where the results go moves
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1700, cwd=root)
     assert first.returncode == 0, first.stderr[-3000:]
