@@ -12,6 +12,7 @@ import hashlib
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 RUN_KEY_TAG = "oftsr.run_key"
@@ -105,12 +106,21 @@ def run_key(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
-def _experiment_id(c, name: str) -> str:
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite database (``mlruns/`` in its folder) rather than
+    in whatever folder the command ran from (MLflow's default); the server's own choice otherwise."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return (Path(tracking_uri[len(prefix) :]).resolve().parent / "mlruns").as_uri()
+
+
+def _experiment_id(c, name: str, tracking_uri: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=artifact_location(tracking_uri))
     except Exception:  # created concurrently
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -135,7 +145,7 @@ def start_or_resume_run(
     from mlflow.entities import Param, RunStatus
 
     c = client(tracking_uri)
-    exp_id = _experiment_id(c, experiment)
+    exp_id = _experiment_id(c, experiment, tracking_uri)
     found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
     if found:
         run_id = found[0].info.run_id

@@ -57,14 +57,18 @@ def cached_dataset(
     concurrency: int | None = None,
     min_epoch_rows: int = 2048,
     max_cached_bytes: int = 1 << 30,
+    seed: int = 0,
 ):
     """The cache as a Ray dataset of training tensors; refuses an incomplete cache.
 
     A small cache is listed several times per pass (each time with a fresh grid point per row), so that one pass
-    holds at least ``min_epoch_rows`` rows and the per-pass start-up of Ray Data is paid rarely. ``num_cpus`` and
-    ``concurrency`` are those of the map tasks (:class:`pipelines.data.config.DataConfig`).
+    holds at least ``min_epoch_rows`` rows and the per-pass start-up of Ray Data is paid rarely. Each listing comes
+    in its own order, drawn from ``seed``: a small cache's rows, a large cache's shards (a shard holds the crops of a
+    few images; the training workers mix rows within their shuffle buffer, ``StageConfig.shuffle_buffer``).
+    ``num_cpus`` and ``concurrency`` are those of the map tasks (:class:`pipelines.data.config.DataConfig`).
     """
     import math
+    import random
 
     import pyarrow.fs
 
@@ -74,13 +78,17 @@ def cached_dataset(
     fs, _ = filesystem(files[0], storage_options)
     paths = [filesystem(f, storage_options)[1] for f in files]
     arrow_fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    order = random.Random(seed)
     if repeats > 1 and manifest["bytes"] <= max_cached_bytes:
-        # Small: read once into the object store and list those blocks `repeats` times (no re-reads, no
-        # hundreds of tiny read tasks); each listing still gets its own grid points in `_apply`.
-        once = ray.data.read_parquet(paths, filesystem=arrow_fs).materialize()
-        ds = once.union(*([once] * (repeats - 1)))
+        # Small: read once into the object store, in blocks of a row or a few (so that a listing's block order is
+        # nearly a row order), and list those blocks `repeats` times (no re-reads, no hundreds of tiny read tasks),
+        # each listing in its own order; each listing still gets its own grid points in `_apply`.
+        once = ray.data.read_parquet(paths, filesystem=arrow_fs).repartition(min(manifest["rows"], 256)).materialize()
+        listings = [once.randomize_block_order(seed=order.randrange(1 << 31)) for _ in range(repeats)]
     else:
-        ds = ray.data.read_parquet(paths * repeats, filesystem=arrow_fs)
+        # One read per listing: Ray Data reads a file that one read_parquet names twice only once.
+        listings = [ray.data.read_parquet(order.sample(paths, len(paths)), filesystem=arrow_fs) for _ in range(repeats)]
+    ds = listings[0].union(*listings[1:]) if len(listings) > 1 else listings[0]
     return ds.map_batches(
         _apply,
         fn_kwargs={"targets": CachedTargets(manifest)},

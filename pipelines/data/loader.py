@@ -35,10 +35,18 @@ def iter_crops(
     dtype: torch.dtype = torch.float32,
     drop_last: bool = True,
     prefetch_batches: int = 2,
+    shuffle_buffer: int = 0,
+    shuffle_seed: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Batches from a Ray Data shard (or dataset), float columns cast to ``dtype`` on ``device``."""
+    """Batches from a Ray Data shard (or dataset), float columns cast to ``dtype`` on ``device``; with
+    ``shuffle_buffer`` rows, each batch is drawn at random from that many (Ray Data's local shuffle)."""
     for batch in shard.iter_torch_batches(
-        batch_size=batch_size, collate_fn=CropCollate(), drop_last=drop_last, prefetch_batches=prefetch_batches
+        batch_size=batch_size,
+        collate_fn=CropCollate(),
+        drop_last=drop_last,
+        prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=shuffle_buffer or None,
+        local_shuffle_seed=shuffle_seed if shuffle_buffer else None,
     ):
         for name in FLOAT_COLUMNS:
             if name in batch:

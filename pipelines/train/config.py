@@ -69,6 +69,11 @@ class StageConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     loss: DistillLossConfig = dataclasses.field(default_factory=DistillLossConfig)
     batch_per_worker: int = 8
+    # Rows each worker mixes before it draws a batch (Ray Data's local shuffle buffer; 0: none). The data arrive in
+    # runs of related rows (the crops of one image, the rows of one cache shard): without mixing, a batch holds the
+    # crops of one photo and the steps cycle through the photos in the same order every pass. Memory per worker:
+    # this many rows (a cached 256-pixel row in fp32 is about 4 MB).
+    shuffle_buffer: int = 128
     total_images: int = 10_000
     ema_half_life_images: float = 5_000.0
     checkpoint_every_images: int = 2_000
@@ -102,6 +107,8 @@ class StageConfig:
         for name in ("batch_per_worker", "total_images", "checkpoint_every_images", "log_every_images", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0 rows (0: no shuffle), got {self.shuffle_buffer}")
         if self.total_images % self.workers:
             raise ValueError(f"total_images ({self.total_images}) must be a multiple of workers ({self.workers})")
         if self.ema_half_life_images <= 0:

@@ -138,7 +138,11 @@ def _train(cfg: StageConfig, run: StageRun, rows, cache_manifest, log) -> dict[s
         from pipelines.cache.dataset import cached_dataset
 
         dataset, _ = cached_dataset(
-            cfg.cache, cfg.data.storage_options, num_cpus=cfg.data.num_cpus, concurrency=cfg.data.concurrency
+            cfg.cache,
+            cfg.data.storage_options,
+            num_cpus=cfg.data.num_cpus,
+            concurrency=cfg.data.concurrency,
+            seed=cfg.seed,
         )
         ledger = None
         log_cache_input(cfg, run_id, cache_manifest)

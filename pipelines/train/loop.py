@@ -192,7 +192,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     while images_seen < cfg.total_images:
         batches = 0
-        for batch in iter_crops(shard, cfg.batch_per_worker, device=device):
+        # a fresh mix every pass and every attempt (a resume does not replay the batches it already trained on)
+        mix = cfg.seed * 1_000_003 + rank * 7919 + images_seen
+        for batch in iter_crops(
+            shard, cfg.batch_per_worker, device=device, shuffle_buffer=cfg.shuffle_buffer, shuffle_seed=mix
+        ):
             batches += 1
             take = min(cfg.batch_per_worker, (cfg.total_images - images_seen) // world)
             batch = {k: v[:take] for k, v in batch.items()}

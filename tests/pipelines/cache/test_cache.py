@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -190,6 +191,46 @@ def test_cli_lists_and_verifies_and_catches_a_damaged_shard(cache, workdir, tmp_
     shard.write_bytes(shard.read_bytes()[:-100])
     out = subprocess.run([*cli, "verify", str(copy)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "shard-00001.parquet" in out.stderr
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["in-memory", "streamed"])
+def test_each_listing_of_the_cache_comes_in_its_own_order(cache, small):
+    """A shard holds the crops of a few images: listed in the same order every time, the distillation's steps
+    cycled through the same photos in the same order on every pass (on the quickstart, 2 dB of PSNR lost)."""
+    from ray.data.context import DataContext
+
+    from pipelines.cache.dataset import cached_dataset
+
+    rows = cache["rows"]
+    ctx = DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        ds, _ = cached_dataset(
+            cache["uri"], min_epoch_rows=8 * rows, max_cached_bytes=1 << 30 if small else 0, seed=3, concurrency=1
+        )
+        keys = [str(k) for k in ds.select_columns(["key"]).to_pandas()["key"]]
+    finally:
+        ctx.execution_options.preserve_order = before
+    once = Counter(str(r["key"]) for r in read_rows(cache["uri"]))
+    assert Counter(keys) == {k: 8 * n for k, n in once.items()}  # the whole cache, eight times
+    listings = {tuple(keys[i : i + rows]) for i in range(0, len(keys), rows)}
+    assert len(listings) > 1, keys  # not one order eight times
+
+
+def test_the_training_loader_mixes_rows_across_its_buffer(ray_cluster):
+    import ray
+
+    from pipelines.data.loader import iter_crops
+
+    ds = ray.data.from_items([{"i": i} for i in range(64)], override_num_blocks=4)
+    plain = [b["i"].tolist() for b in iter_crops(ds, 8)]
+    assert plain[0] == list(range(8))  # in order: batches of neighbours
+    mixed = [b["i"].tolist() for b in iter_crops(ds, 8, shuffle_buffer=32, shuffle_seed=1)]
+    assert sorted(i for b in mixed for i in b) == list(range(64))
+    assert max(mixed[0]) - min(mixed[0]) > 8
+    again = [b["i"].tolist() for b in iter_crops(ds, 8, shuffle_buffer=32, shuffle_seed=2)]
+    assert again != mixed  # the seed is the mix
 
 
 def test_a_cache_without_manifest_is_refused(tmp_path, ray_cluster):
