@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.helpers import quickstart_command
 
-# The shipped quickstart: about 9 minutes on a slow 2-core machine (docs/quickstart.md); machines differ by 3x.
+# The shipped quickstart: about 10 minutes on a slow 2-core machine (docs/quickstart.md); machines differ by 3x.
 pytestmark = pytest.mark.timeout(1800)
 
 
