@@ -36,11 +36,18 @@ class TrackingConfig:
 
     def resolved(self) -> TrackingConfig:
         """Relative SQLite paths made absolute, so Ray workers in other folders open the same file."""
-        prefix = "sqlite:///"
-        if self.tracking_uri.startswith(prefix) and not self.tracking_uri[len(prefix) :].startswith("/"):
-            path = os.path.abspath(self.tracking_uri[len(prefix) :])
-            return dataclasses.replace(self, tracking_uri=prefix + path)
+        path = _sqlite_path(self.tracking_uri)
+        if path is not None and not path.startswith("/"):
+            return dataclasses.replace(self, tracking_uri=_SQLITE + os.path.abspath(path))
         return self
+
+
+_SQLITE = "sqlite:///"
+
+
+def _sqlite_path(tracking_uri: str) -> str | None:
+    """The database file of a ``sqlite:///`` URI (relative, or absolute after a fourth slash); None for others."""
+    return tracking_uri[len(_SQLITE) :] if tracking_uri.startswith(_SQLITE) else None
 
 
 class TrackingUnavailable(RuntimeError):
@@ -109,10 +116,8 @@ def run_key(*parts: str) -> str:
 def artifact_location(tracking_uri: str) -> str | None:
     """Where a new experiment keeps its artifacts: beside a SQLite database (``mlruns/`` in its folder) rather than
     in whatever folder the command ran from (MLflow's default); the server's own choice otherwise."""
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix):
-        return None
-    return (Path(tracking_uri[len(prefix) :]).resolve().parent / "mlruns").as_uri()
+    path = _sqlite_path(tracking_uri)
+    return None if path is None else (Path(path).resolve().parent / "mlruns").as_uri()
 
 
 def _experiment_id(c, name: str, tracking_uri: str) -> str:

@@ -98,15 +98,16 @@ def test_a_worker_failure_resumes_from_the_last_checkpoint_and_counts_images_onc
         "teacher",
         workdir,
         run_name="fault",
-        total_images=384,
-        checkpoint_every_images=128,
-        **{"fault.fail_at_images": "192", "fault.rank": "1", "fault.marker": str(marker)},
+        total_images=128,
+        checkpoint_every_images=64,
+        sample_grid=0,
+        **{"fault.fail_at_images": "96", "fault.rank": "1", "fault.marker": str(marker)},
     )
     result = run_stage(cfg)
-    assert marker.read_text() == "192"  # the drill fired once, at 192 images, after the checkpoint at 128
-    assert result["images_seen"] == 384
+    assert marker.read_text() == "96"  # the drill fired once, at 96 images, after the checkpoint at 64
+    assert result["images_seen"] == 128
     state = load_checkpoint(result["checkpoint"])["state"]
-    assert state["images_seen"] == 384 and state["ema_updates"] == 384 // 16
+    assert state["images_seen"] == 128 and state["ema_updates"] == 128 // 16
     c = client(f"sqlite:///{workdir / 'mlflow.db'}")
     runs = c.search_runs(
         [c.get_experiment_by_name("oftsr").experiment_id], filter_string="attributes.run_name = 'teacher:fault'"
@@ -135,9 +136,11 @@ def test_killing_the_driver_and_running_again_resumes(workdir, ray_cluster):
         "--set",
         f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
         "--set",
-        "total_images=384",
+        "total_images=256",
         "--set",
-        "checkpoint_every_images=128",
+        "checkpoint_every_images=64",
+        "--set",
+        "sample_grid=0",
         "--set",
         "data.crops_per_image=4",
     ]
@@ -149,17 +152,17 @@ def test_killing_the_driver_and_running_again_resumes(workdir, ray_cluster):
     proc.send_signal(signal.SIGKILL)  # the driver's machine going away
     proc.wait(timeout=60)
     first = sorted(p.parent.name for p in storage.glob("checkpoint_*/checksums.json"))
-    assert first and first[-1] < "checkpoint_000000000384", first
+    assert first and first[-1] < "checkpoint_000000000256", first
 
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["images_seen"] == 384
+    assert result["images_seen"] == 256
     assert "(resumed)" in out.stdout
     names = sorted(p.parent.name for p in storage.glob("checkpoint_*/checksums.json"))
-    assert names[-1] == "checkpoint_000000000384"
+    assert names[-1] == "checkpoint_000000000256"
     state = load_checkpoint(storage / names[-1])["state"]
-    assert state["ema_updates"] == 384 // 16  # resumed, not restarted: every image counted once
+    assert state["ema_updates"] == 256 // 16  # resumed, not restarted: every image counted once
 
 
 def test_checkpoints_on_s3_storage(workdir, ray_cluster, s3_client):
