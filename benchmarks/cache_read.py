@@ -35,22 +35,14 @@ from pipelines.cache.store import read_manifest  # noqa: E402
 from pipelines.data.config import DataConfig  # noqa: E402
 from pipelines.data.loader import iter_crops  # noqa: E402
 from pipelines.tracking import TrackingConfig  # noqa: E402
-from pipelines.train.checkpoint import save_checkpoint  # noqa: E402
-from tests.helpers import perturbed_unet  # noqa: E402
+from tests.helpers import perturbed_unet, save_net_checkpoint  # noqa: E402
 
 
 def make_cache(root: Path) -> str:
     export_sample_photos(root / "photos")
     torch.manual_seed(0)
     net = perturbed_unet(0.02).eval()
-    save_checkpoint(
-        root / "teacher" / "checkpoint_000000000001",
-        model=net,
-        ema=net,
-        unet=net.config,
-        state={"images_seen": 1},
-        stage={"stage": "teacher"},
-    )
+    save_net_checkpoint(root / "teacher" / "checkpoint_000000000001", net, {"stage": "teacher"})
     cfg = TrajectoryConfig(
         run_name="bench",
         data=DataConfig(source=str(root / "photos"), crop=64),

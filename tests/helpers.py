@@ -47,6 +47,14 @@ class RecordingNet(nn.Module):
         return torch.arange(6, dtype=x.dtype).view(1, 6, 1, 1).expand(b, 6, h, w).clone()
 
 
+def save_net_checkpoint(folder, net: nn.Module, stage: dict) -> None:
+    """A stage checkpoint in ``folder`` holding ``net`` as both its model and its EMA, one image seen: a teacher
+    (or student) to load without training one."""
+    from pipelines.train.checkpoint import save_checkpoint
+
+    save_checkpoint(folder, model=net, ema=net, unet=net.config, state={"images_seen": 1}, stage=stage)
+
+
 def start_mlflow_server(root, port: int, env: dict | None = None):
     """``mlflow server`` on 127.0.0.1:``port`` with a SQLite store in ``root`` (its own process group, log in
     ``root/mlflow.log``); returns the process. Stop it with :func:`stop_process_group`."""

@@ -6,8 +6,7 @@ import torch
 
 from oftsr.method import Method
 from oftsr.samples import export_sample_split
-from pipelines.train.checkpoint import save_checkpoint
-from tests.helpers import perturbed_unet
+from tests.helpers import perturbed_unet, save_net_checkpoint
 
 
 def test_evaluate_writes_the_curve_and_tables_for_checkpoints(tmp_path):
@@ -15,14 +14,8 @@ def test_evaluate_writes_the_curve_and_tables_for_checkpoints(tmp_path):
     for kind in ("teacher", "distill"):
         torch.manual_seed(0)
         net = perturbed_unet(0.01)
-        save_checkpoint(
-            tmp_path / kind / "checkpoint_000000000001",
-            model=net,
-            ema=net,
-            unet=net.config,
-            state={"images_seen": 1},
-            stage={"stage": kind, **Method(crop=64).to_dict()},
-        )
+        stage = {"stage": kind, **Method(crop=64).to_dict()}
+        save_net_checkpoint(tmp_path / kind / "checkpoint_000000000001", net, stage)
     out = tmp_path / "report"
     proc = subprocess.run(
         [

@@ -20,8 +20,8 @@ from oftsr.trajectory import sample_inputs, sample_seed, stored_indices, teacher
 from pipelines.cache.config import TrajectoryConfig
 from pipelines.cache.store import CacheIncomplete, bytes_tensor, read_manifest, read_rows, tensor_bytes
 from pipelines.data.config import DataConfig
-from pipelines.train.checkpoint import load_checkpoint, save_checkpoint
-from tests.helpers import perturbed_unet
+from pipelines.train.checkpoint import load_checkpoint
+from tests.helpers import perturbed_unet, save_net_checkpoint
 
 pytestmark = pytest.mark.timeout(1050)  # 336 s measured on a slow 2-core machine (see docs/testing.md)
 GRID = (0.01, 0.5, 0.99)
@@ -38,14 +38,7 @@ def workdir(tmp_path_factory):
     export_sample_photos(root / "photos")
     for i in (1, 2):
         net = perturbed_tiny(i)
-        save_checkpoint(
-            root / f"teacher{i}" / "checkpoint_000000000001",
-            model=net,
-            ema=net,
-            unet=net.config,
-            state={"images_seen": 1},
-            stage={"stage": "teacher"},
-        )
+        save_net_checkpoint(root / f"teacher{i}" / "checkpoint_000000000001", net, {"stage": "teacher"})
     return root
 
 
@@ -220,8 +213,8 @@ def test_each_listing_of_the_cache_comes_in_its_own_order(cache, small):
 
 
 def test_a_small_cache_is_read_with_one_footer_reader_and_a_users_setting_wins(cache, monkeypatch):
-    """Ray Data 2.60 starts 32 footer-reading actors per Parquet read whatever the number of files: 7-10 s for a
-    three-shard cache on 2 cores, paid at every listing."""
+    """Ray Data 2.60 starts 32 footer-reading actors per Parquet read whatever the number of files: 7.2-8.4 s for a
+    five-shard cache on 2 cores (benchmarks/cache_read.py), paid at every listing."""
     from ray.util.state import list_actors
 
     from pipelines.cache.dataset import _read_shards

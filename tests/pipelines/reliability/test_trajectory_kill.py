@@ -16,7 +16,7 @@ import torch
 
 from oftsr.nets import build_unet
 from oftsr.samples import export_sample_photos
-from pipelines.train.checkpoint import save_checkpoint
+from tests.helpers import save_net_checkpoint
 
 pytestmark = pytest.mark.timeout(750)  # 241 s measured on a slow 2-core machine
 CROPS = 2
@@ -28,8 +28,7 @@ def test_a_stage_killed_mid_shard_shows_no_partial_shard_and_completes_on_rerun(
     photos = export_sample_photos(tmp_path / "photos")
     torch.manual_seed(0)
     net = build_unet("tiny").eval()
-    stage = {"stage": "teacher"}
-    save_checkpoint(tmp_path / "teacher", model=net, ema=net, unet=net.config, state={"images_seen": 1}, stage=stage)
+    save_net_checkpoint(tmp_path / "teacher", net, {"stage": "teacher"})
     args = [sys.executable, "-m", "pipelines.cli", "trajectories", "quickstart"]
     for s in (
         f"data.source={tmp_path / 'photos'}",
