@@ -82,9 +82,9 @@ def cached_dataset(
     if repeats > 1 and manifest["bytes"] <= max_cached_bytes:
         # Small: read once into the object store, in blocks of a row or a few (so that a listing's block order is
         # nearly a row order), and list those blocks `repeats` times, each listing in its own order, as one dataset
-        # of block references: no re-reads, and one operator (a union of 114 listings of an 18-row cache took 92 s
-        # to its first batch and then gave 14 rows/s on 2 cores; this, 5 s and 140 rows/s). Each listing still gets
-        # its own grid points in `_apply`.
+        # of block references: no re-reads, and one operator (a union of 57 listings of a 36-row cache took 47 s to
+        # its first batch and gave 28 rows/s on 2 cores; this, 12 s and 97 rows/s: benchmarks/cache_read.py). Each
+        # listing still gets its own grid points in `_apply`.
         once = _read_shards(paths, arrow_fs).repartition(min(manifest["rows"], 256)).materialize()
         blocks = once.to_arrow_refs()
         ds = ray.data.from_arrow_refs([b for _ in range(repeats) for b in order.sample(blocks, len(blocks))])
@@ -103,7 +103,8 @@ def cached_dataset(
 
 
 #: Ray Data's Parquet reader (2.60) lists files through a pool of footer-reading actors, 32 of them whatever the
-#: number of files; each is a process to start: 7-10 s per read of a three-shard cache on 2 cores (1.7 s with one).
+#: number of files; each is a process to start: 7.2-8.4 s per read of a five-shard cache on 2 cores, 1.6-2.1 s with
+#: one (benchmarks/cache_read.py).
 _FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 _FILES_PER_FOOTER_ACTOR = 10  # Ray's footer batch: one actor per ten shards, up to Ray's 32
 
