@@ -42,6 +42,11 @@ class EvalSettings:
     teacher_steps: int | None = None
     batch: int = 16
     seed: int = 0
+    # the paper's protocol (oftsr.paper): the one-step output x0 + scale v, unclamped outputs for PSNR and LPIPS,
+    # and inputs larger than split_above squared restored in four quadrants (0: whole)
+    one_step_scale: float = 1.0
+    clamp: bool = True
+    split_above: int = 0
 
     def __post_init__(self) -> None:
         if any(not 0.0 <= t <= 1.0 for t in self.knobs):
@@ -72,9 +77,14 @@ class Perceptual:
         return out
 
 
-def _metrics(pred: torch.Tensor, hr: torch.Tensor, perceptual: Perceptual) -> dict[str, torch.Tensor]:
-    pred = pred.clamp(-1, 1)
-    return {"psnr": psnr(pred, hr), "ssim": ssim(pred, hr), **perceptual(pred, hr)}
+def _metrics(
+    pred: torch.Tensor, hr: torch.Tensor, perceptual: Perceptual, clamp: bool = True
+) -> dict[str, torch.Tensor]:
+    """PSNR, SSIM and the perceptual distances; ``clamp=False`` (the paper's protocol) measures PSNR and LPIPS on the
+    output as the network gives it (SSIM and the saved images are clamped either way)."""
+    clamped = pred.clamp(-1, 1)
+    raw = clamped if clamp else pred
+    return {"psnr": psnr(raw, hr, clamp=clamp), "ssim": ssim(clamped, hr), **perceptual(raw, hr)}
 
 
 @torch.no_grad()
@@ -150,19 +160,17 @@ def evaluate_shard(
         results: dict[tuple[str, float | None], torch.Tensor] = {("bicubic", None): x_lr}
         if teacher is not None:
             with evaluating(teacher):
-                sol = solve(
-                    conditioned(teacher, x_lr), x0, method=settings.teacher_method, steps=settings.teacher_steps
-                )
-            results[("teacher", None)] = sol.x
-            nfe["teacher"] = max(nfe.get("teacher", 0), sol.nfe)
+                results[("teacher", None)] = _restored(_sampler(teacher, settings, nfe), x0, x_lr, settings)
         if student is not None:
             with evaluating(student):
-                v = conditioned(student, x_lr)
                 for t in settings.knobs:
-                    results[("student", float(t))] = one_step(v, x0, float(t), (m.t_min, m.t_max))
+                    out = _restored(_one_step(student, float(t), (m.t_min, m.t_max)), x0, x_lr, settings)
+                    if settings.one_step_scale != 1.0:
+                        out = x0 + settings.one_step_scale * (out - x0)
+                    results[("student", float(t))] = out
         for key, pred in results.items():
             crops = per_crop.setdefault(key, {})
-            for name, values in _metrics(pred, x1, perceptual).items():
+            for name, values in _metrics(pred, x1, perceptual, settings.clamp).items():
                 crops.setdefault(name, []).extend(values.flatten().tolist())
         if perceptual.inception is not None:
             for key, images in ((None, x1), *results.items()):
@@ -175,6 +183,28 @@ def evaluate_shard(
         "nfe": nfe,
         "perceptual": "lpips" if perceptual.lpips is not None else "st_lpips",
     }
+
+
+def _restored(restore, x0: torch.Tensor, x_lr: torch.Tensor, settings: EvalSettings) -> torch.Tensor:
+    """``restore(x0, x_lr)``, whole or (the paper's protocol) in quadrants (:func:`oftsr.paper.quadrant_split`)."""
+    if settings.split_above:
+        from oftsr.paper import quadrant_split
+
+        return quadrant_split(restore, x0, x_lr, min_size=settings.split_above)
+    return restore(x0, x_lr)
+
+
+def _sampler(teacher: nn.Module, settings: EvalSettings, nfe: dict[str, int]):
+    def sample(start: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        sol = solve(conditioned(teacher, cond), start, method=settings.teacher_method, steps=settings.teacher_steps)
+        nfe["teacher"] = max(nfe.get("teacher", 0), sol.nfe)
+        return sol.x
+
+    return sample
+
+
+def _one_step(student: nn.Module, t: float, trained: tuple[float, float]):
+    return lambda start, cond: one_step(conditioned(student, cond), start, t, trained)
 
 
 def combine(parts: Sequence[dict[str, Any]], settings: EvalSettings) -> dict[str, Any]:

@@ -8,6 +8,7 @@ evaluations that can share a call are batched. The teacher is only ever evaluate
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -77,6 +78,7 @@ def distill_online(
     w_distil: float = 1.0,
     w_bound: float = 0.1,
     w_align: float = 0.01,
+    fp32_targets: bool = True,
 ) -> dict[str, torch.Tensor]:
     """OFTSR's one-step distillation loss with online teacher targets, per sample (DESIGN section 4).
 
@@ -91,6 +93,11 @@ def distill_online(
     Gradients reach the student through ``vs`` (distil), ``vt`` (align) and the boundary call (bound); the
     target of ``distil`` is detached. The three student calls share one batched call, and so do the teacher's
     first RK2 evaluation and its boundary evaluation.
+
+    ``fp32_targets``: under autocast, the teacher's calls (its step and boundary velocity) run in fp32 and the
+    targets are formed in fp32, as in the official code (which trains in fp32). The useful part of the target is a
+    small correction (``D / s`` times the difference of two velocities), which bf16 outputs of the teacher would
+    round (measured: ``benchmarks/distill_precision.py``). ``False`` lets autocast run the teacher in low precision.
 
     Args:
         x0: noisy starts ``(B, 3, H, W)``; t: ``(B,)`` in ``[t_min, t_max]``.
@@ -111,9 +118,10 @@ def distill_online(
     vt, vs, v_bound_student = v_all[:b], v_all[b : 2 * b], v_all[2 * b :]
 
     col = lambda z: z.view(-1, 1, 1, 1)  # noqa: E731
-    with torch.no_grad():
-        xt = x0 + col(t) * vt.detach()
-        first = _hi(teacher(torch.cat([xt, x0]), torch.cat([t, t_bound])))
+    exact = torch.autocast(x0.device.type, enabled=False) if fp32_targets else contextlib.nullcontext()
+    with torch.no_grad(), exact:
+        xt = _hi(x0) + col(t) * _hi(vt.detach())
+        first = _hi(teacher(torch.cat([xt, _hi(x0)]), torch.cat([t, t_bound])))
         v1, v_bound_teacher = first[:b], first[b:]
         v_bar = _hi(rk2_velocity(teacher, xt, t, delta, r, v1=v1))
         target = _hi(vt.detach()) + col(delta / s) * (v_bar - _hi(vt.detach()))

@@ -28,10 +28,13 @@ BACKBONE_FILES: dict[str, str] = {
 }
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """PSNR in dB per sample between images in [-1, 1], computed on [0, 1] after clamping."""
-    a = to_unit(x.float()).clamp(0, 1)
-    b = to_unit(y.float()).clamp(0, 1)
+def psnr(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12, *, clamp: bool = True) -> torch.Tensor:
+    """PSNR in dB per sample between images in [-1, 1], computed on [0, 1] after clamping (``clamp=False``: as
+    given, as the official evaluation computes it)."""
+    a = to_unit(x.float())
+    b = to_unit(y.float())
+    if clamp:
+        a, b = a.clamp(0, 1), b.clamp(0, 1)
     mse = (a - b).square().flatten(1).mean(dim=1)
     return 10.0 * torch.log10(1.0 / (mse + eps))
 

@@ -10,6 +10,7 @@ import time
 from pipelines.commands import (
     _cache,
     _evaluate,
+    _import,
     _jobs,
     _manifest,
     _quickstart,
@@ -106,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--teacher-steps", type=int, default=0, help="midpoint steps for the teacher (0: adaptive RK45)")
     ev.add_argument("--tracking-uri", default=default_tracking_uri())
     ev.add_argument("--run-id", default=None, help="also log the report to this MLflow run")
+    ev.add_argument(
+        "--protocol",
+        choices=["heldout", "paper"],
+        default="heldout",
+        help="heldout: random crops of SOURCE's images over the knob grid (default); paper: the paper's 100 images of "
+        "--task from SOURCE, as the official code evaluates them (knob ends, centre crops, unclamped PSNR/LPIPS)",
+    )
+    ev.add_argument("--task", choices=["ffhq", "ffhq_noisy", "div2k", "imagenet"], help="with --protocol paper")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     ev.set_defaults(func=_evaluate)
 
     u = sub.add_parser("upscale", help="4x upscale PNG/JPEG files or folders with the one-step student")
@@ -127,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", default="cpu", help="cpu or cuda")
     u.add_argument("--seed", type=int, default=0, help="noise seed")
     u.set_defaults(func=_upscale)
+
+    im = sub.add_parser("import", help="import an official OFTSR checkpoint (.pth) and register it (alias official)")
+    im.add_argument("checkpoint", help="the .pth file, e.g. sr_bicubic-sf4-guided_unet-sigma0.1-...-checkpoint_10.pth")
+    im.add_argument("--as", dest="kind", required=True, choices=["teacher", "student"], help="what the file holds")
+    im.add_argument(
+        "--recipe",
+        default=None,
+        choices=["ffhq_x4", "ffhq_x4_noisy", "div2k_x4", "imagenet_x4"],
+        help="the task (default: the one the file name says)",
+    )
+    im.add_argument("--raw", action="store_true", help="the raw 'model' weights instead of the EMA (resume files only)")
+    im.add_argument("-o", "--out", default=None, help="checkpoint folder (default: outputs/imported/<file stem>)")
+    im.add_argument("--name", default=None, help="registered model name (default: oftsr-teacher / oftsr-student)")
+    im.add_argument("--tracking-uri", default=default_tracking_uri())
+    im.set_defaults(func=_import)
 
     default_address = os.environ.get("RAY_API_SERVER_ADDRESS", os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"))
     j = sub.add_parser("submit", help="submit the pipeline (RECIPE) or one stage (STAGE RECIPE) as a Ray job")

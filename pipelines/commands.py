@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
 from pipelines.overrides import parse_sets
 
@@ -166,6 +167,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipelines.registry import load_model
     from pipelines.tree import EvalConfig
 
+    if args.protocol == "paper":
+        return _evaluate_paper(args)
     student, meta = load_model(args.student, tracking_uri=args.tracking_uri)
     method = Method.from_record(meta, f"the student {args.student}")  # the parameters it was trained with
     teacher = None
@@ -197,6 +200,33 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_paper(args: argparse.Namespace) -> int:
+    from pipelines.paper_eval import paper_evaluation
+    from pipelines.registry import load_model
+
+    if not args.task:
+        raise ValueError("--protocol paper needs --task (ffhq, ffhq_noisy, div2k or imagenet)")
+    student, meta = load_model(args.student, tracking_uri=args.tracking_uri)
+    teacher, teacher_meta = load_model(args.teacher, tracking_uri=args.tracking_uri) if args.teacher else (None, None)
+    report = paper_evaluation(
+        args.task,
+        args.source,
+        student=student,
+        student_meta=meta,
+        teacher=teacher,
+        teacher_meta=teacher_meta,
+        out=args.out,
+        device=args.device,
+    )
+    print((Path(args.out) / f"paper_{args.task}.md").read_text(), end="")
+    if args.run_id:
+        from pipelines.tracking import client
+
+        for suffix in ("json", "md"):
+            client(args.tracking_uri).log_artifact(args.run_id, str(Path(args.out) / f"paper_{args.task}.{suffix}"))
+    return 0 if report["images"] else 2
+
+
 def _upscale(args: argparse.Namespace) -> int:
     from pipelines.upscale import run_upscale
 
@@ -211,6 +241,24 @@ def _upscale(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
     )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from pipelines.importer import import_checkpoint
+    from pipelines.tracking import TrackingConfig
+
+    tracking_uri = TrackingConfig(tracking_uri=args.tracking_uri).resolved().tracking_uri
+    result = import_checkpoint(
+        args.checkpoint,
+        kind=args.kind,
+        recipe=args.recipe,
+        raw=args.raw,
+        out=args.out,
+        tracking_uri=tracking_uri,
+        name=args.name,
+    )
+    print(f"use it as {result['uri']}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """The MLflow model registry: teacher and student as pyfunc models that rebuild the network from our code.
 
 A registered version holds ``artifacts/weights.safetensors``, ``artifacts/model.json`` (the UNet config and the
-model's metadata: kind, method parameters, knob range) and ``code/`` (the ``oftsr`` core and ``pipelines``): no
-pickled modules, no shapes frozen by an export. ``load_model("models:/oftsr-student@champion")`` returns our
+model's metadata: kind, method parameters, knob range), ``code/`` (the ``oftsr`` core and ``pipelines``) and the
+model's code file (:mod:`pipelines.model_code`, MLflow's models-from-code): nothing pickled, no shapes frozen by an
+export. ``load_model("models:/oftsr-student@champion")`` returns our
 ``UNet`` and its metadata; ``mlflow.pyfunc.load_model`` gives a predictor that upscales uint8 ``(B, h, w, 3)``
 arrays. New versions get the alias ``candidate``; ``champion`` moves to a version when it beats the current one.
 """
@@ -147,9 +148,11 @@ def log_and_register(
     meta: dict[str, Any],
     score: float | None = None,
     lower_is_better: bool = True,
+    aliases: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Log ``net`` as a pyfunc model in ``run_id``, register it as ``name``, alias it ``candidate`` and, when it
-    beats the champion on ``score``, ``champion``. Returns ``{"version", "champion", "uri"}``."""
+    beats the champion on ``score``, ``champion`` (or, given ``aliases``, exactly those). Returns
+    ``{"version", "champion", "uri"}``."""
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     tmp = Path(tempfile.mkdtemp(prefix="oftsr-model-"))
@@ -159,7 +162,7 @@ def log_and_register(
         with mlflow.start_run(run_id=run_id), _library_output_quiet():
             info = mlflow.pyfunc.log_model(
                 name=name,
-                python_model=OftsrModel(),
+                python_model=str(Path(pipelines.__file__).parent / "model_code.py"),
                 artifacts={"weights": str(tmp / "weights.safetensors"), "config": str(tmp / "model.json")},
                 code_paths=[str(Path(oftsr.__file__).parent), str(Path(pipelines.__file__).parent)],
                 pip_requirements=["torch", "safetensors", "numpy", "pillow", "tqdm"],
@@ -176,6 +179,10 @@ def log_and_register(
         **({SCORE_TAG: str(score)} if score is not None else {}),
     }.items():
         client.set_model_version_tag(name, version, key, value)
+    if aliases is not None:
+        for alias in aliases:
+            client.set_registered_model_alias(name, alias, version)
+        return {"version": version, "champion": False, "uri": f"models:/{name}/{version}"}
     client.set_registered_model_alias(name, "candidate", version)
     champion = _promote(client, name, version, score, lower_is_better)
     return {"version": version, "champion": champion, "uri": f"models:/{name}/{version}"}

@@ -57,14 +57,9 @@ class ShardWriter:
     def __init__(self, cfg: TrajectoryConfig, teacher_uri: str, prefix: str):
         self.cfg, self.prefix = cfg, prefix
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-        if is_model_uri(teacher_uri):  # a registered teacher: weights and network config from the registry
-            from pipelines.registry import load_model
-
-            self.net = load_model(teacher_uri, tracking_uri=cfg.tracking.tracking_uri)[0]
-        else:
-            unet, weights = load_teacher(teacher_uri, cfg.data.storage_options)
-            self.net = UNet(unet)
-            self.net.load_state_dict(weights)
+        unet, weights = load_teacher(teacher_uri, cfg.data.storage_options, cfg.tracking.tracking_uri)
+        self.net = UNet(unet)
+        self.net.load_state_dict(weights)
         self.net.eval().requires_grad_(False).to(self.device)
 
     def _crops(self, keys: list[str]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:

@@ -141,7 +141,17 @@ def read_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> 
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_teacher(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
-    """The EMA weights and network config of a teacher checkpoint (local folder or object-storage URI)."""
+def load_teacher(
+    uri: str, storage_options: dict[str, Any] | None = None, tracking_uri: str | None = None
+) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
+    """The EMA weights and network config of a teacher checkpoint (local folder or object-storage URI), or of a
+    registered teacher (``models:/NAME@ALIAS``, ``models:/NAME/N``, ``runs:/...``: trained or imported)."""
+    if uri.startswith(("models:/", "runs:/")):
+        from pipelines.registry import load_model
+
+        net, meta = load_model(uri, tracking_uri=tracking_uri)
+        if meta.get("kind") != "teacher":
+            raise ValueError(f"{uri} is a {meta.get('kind')} model; a teacher is needed here")
+        return net.config, net.state_dict()
     ckpt = read_checkpoint(uri, storage_options)
     return ckpt["unet"], ckpt["ema"]

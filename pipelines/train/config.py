@@ -26,6 +26,7 @@ class DistillLossConfig:
     w_distil: float = 1.0
     w_bound: float = 0.1
     w_align: float = 0.01
+    fp32_targets: bool = True  # online targets: the teacher's calls in fp32 under bf16 autocast (oftsr.losses)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.dt < 1.0:

@@ -90,6 +90,8 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
         raise ValueError("distill.teacher: the distill stage needs the teacher checkpoint (a folder or URI)")
     if cfg.targets == "cached" and not cfg.cache:
         raise ValueError("distill.cache: targets=cached needs the trajectory cache URI (set cache=URI)")
+    if cfg.stage == "distill" and cfg.teacher.startswith(("models:/", "runs:/")):
+        cfg = dataclasses.replace(cfg, teacher=pin_registered_teacher(cfg))
     prepare(cfg.tracking, cfg.storage_path, storage_shared=cfg.storage_shared)
     cache_manifest = None
     if cfg.targets == "cached":
@@ -111,6 +113,23 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
         log=log,
     ) as run:
         return _train(cfg, run, rows, cache_manifest, log)
+
+
+def pin_registered_teacher(cfg: StageConfig) -> str:
+    """A registered teacher's pinned URI (``models:/NAME/N``: an alias may move while the stage runs or between its
+    attempts), after checking that it was made with this stage's method parameters (its version's tags)."""
+    from pipelines.registry import pin_model_uri
+    from pipelines.tracking import client
+
+    pinned, _ = pin_model_uri(cfg.teacher, tracking_uri=cfg.tracking.tracking_uri)
+    if pinned.startswith("models:/"):
+        name, _, version = pinned[len("models:/") :].rpartition("/")
+        tags = client(cfg.tracking.tracking_uri).get_model_version(name, version).tags
+        record = {k.removeprefix("oftsr."): v for k, v in tags.items() if k.startswith("oftsr.")}
+        if record.get("kind", "teacher") != "teacher":
+            raise ValueError(f"distill.teacher: {cfg.teacher} is a {record['kind']} model, not a teacher")
+        check_agrees(cfg.method, record, f"the teacher {cfg.teacher}", ("sf", "degradation", "sigma_y", "sigma_p"))
+    return pinned
 
 
 def check_cache_matches(cfg: StageConfig, manifest: dict[str, Any]) -> None:

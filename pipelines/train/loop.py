@@ -76,7 +76,7 @@ def _networks(cfg: StageConfig) -> tuple[UNet, UNet | None]:
 
             load_weights(net, resolve(cfg.pretrained))
         return net, None
-    unet_cfg, weights = load_teacher(cfg.teacher, cfg.data.storage_options)
+    unet_cfg, weights = load_teacher(cfg.teacher, cfg.data.storage_options, cfg.tracking.tracking_uri)
     student = UNet(unet_cfg)
     student.load_state_dict(weights)
     if cfg.targets == "cached":  # the cache holds the teacher's targets: no teacher in memory
