@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 #   make install PINS="torch==2.11.0 torchvision==0.26.0 lpips==0.1.4 --index-url https://download.pytorch.org/whl/cu128"
 PINS ?= $(shell sed -e 's/\#.*//' pins.txt)
 
-.PHONY: quickstart test test-fast lint install clean print-pins
+.PHONY: quickstart test test-fast lint install clean print-pins browser
 
 $(VENV)/.installed: pyproject.toml Makefile pins.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,17 @@ lint: install
 	$(VENV)/bin/ruff check oftsr pipelines tests benchmarks
 	$(VENV)/bin/ruff format --check oftsr pipelines tests benchmarks
 
-test: install lint
+# The page test drives Debian's chromium (headless). Installed here when missing and we may (root and apt-get);
+# otherwise that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "installing chromium (Debian) for the page test"; \
+	      (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	        --no-install-recommends chromium >/dev/null) || echo "could not install chromium: the page test will skip"; \
+	    else echo "no chromium and no root apt-get: the page test will skip"; fi; }
+
+test: install lint browser
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -16,6 +16,7 @@ from pipelines.commands import (
     _quickstart,
     _run,
     _samples,
+    _serve,
     _stage,
     _submit,
     _tracking,
@@ -118,9 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     ev.set_defaults(func=_evaluate)
 
-    u = sub.add_parser("upscale", help="4x upscale PNG/JPEG files or folders with the one-step student")
-    u.add_argument("inputs", nargs="+", help="image files or folders")
-    u.add_argument("-o", "--output", required=True, help="output folder for the PNGs")
+    u = sub.add_parser(
+        "upscale",
+        help="4x upscale images (files, folders, s3:// prefixes or a manifest) with the one-step student",
+        description="Outputs are DEST/<path below the source, without extension>_t<t>.png, written atomically; a "
+        "rerun skips images whose outputs exist; bad inputs are skipped and counted; DEST/_upscale_report.json "
+        "sums up. A handful of local files runs in this process; more, or object storage, run as a Ray Data "
+        "pipeline (fetch + decode, the student in an actor pool, encode + write).",
+    )
+    u.add_argument("inputs", nargs="+", help="image files, folders, s3:// prefixes, or a manifest (.parquet)")
+    u.add_argument("-o", "--output", required=True, help="DEST: output folder or s3:// prefix")
     u.add_argument("--t", type=float, nargs="+", default=[0.5], help="knob value(s) in [0, 1]: 0 fidelity, 1 realism")
     u.add_argument(
         "--model",
@@ -132,11 +140,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_tracking_uri(),
         help="MLflow tracking/registry URI for models:/ (default: $MLFLOW_TRACKING_URI or %(default)s)",
     )
+    u.add_argument(
+        "--engine",
+        choices=["auto", "local", "ray"],
+        default="auto",
+        help="local: this process; ray: Ray Data; auto: local for up to 16 local images (default)",
+    )
+    u.add_argument("--workers", type=int, default=0, help="ray: inference actors (default: by GPUs or CPUs)")
+    u.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per inference actor (default: 0)")
+    u.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs per inference actor (default: 1)")
+    u.add_argument("--batch-size", type=int, default=4, help="ray: images per actor call (default: %(default)s)")
+    u.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="fsspec option")
     u.add_argument("--tile", type=int, default=0, help="HR tile size (default: the model's training crop)")
-    u.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    u.add_argument("--device", default="cpu", help="cpu or cuda")
-    u.add_argument("--seed", type=int, default=0, help="noise seed")
+    u.add_argument("--force", action="store_true", help="recompute images whose outputs exist")
+    u.add_argument("--device", default="cpu", help="local engine: cpu or cuda")
+    u.add_argument("--seed", type=int, default=0, help="noise seed (each image's own seed derives from it)")
     u.set_defaults(func=_upscale)
+
+    sv = sub.add_parser("serve", help="serve the student over HTTP with Ray Serve: POST /upscale?t=, GET / (knob page)")
+    sv.add_argument("model", nargs="?", default="models:/oftsr-student@champion", help="default: %(default)s")
+    sv.add_argument("--tracking-uri", default=default_tracking_uri())
+    sv.add_argument("--host", default="127.0.0.1", help="default: %(default)s (0.0.0.0 to listen on every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    sv.add_argument("--replicas", type=int, default=1, help="default: %(default)s")
+    sv.add_argument("--gpus-per-replica", type=float, default=0.0, help="default: %(default)s")
+    sv.add_argument("--cpus-per-replica", type=float, default=1.0, help="default: %(default)s")
+    sv.add_argument("--max-batch-size", type=int, default=8, help="requests batched into one call (default: 8)")
+    sv.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest input accepted (default: 4096²)")
+    sv.set_defaults(func=_serve)
 
     im = sub.add_parser("import", help="import an official OFTSR checkpoint (.pth) and register it (alias official)")
     im.add_argument("checkpoint", help="the .pth file, e.g. sr_bicubic-sf4-guided_unet-sigma0.1-...-checkpoint_10.pth")

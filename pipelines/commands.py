@@ -228,19 +228,46 @@ def _evaluate_paper(args: argparse.Namespace) -> int:
 
 
 def _upscale(args: argparse.Namespace) -> int:
-    from pipelines.upscale import run_upscale
+    from pipelines.batch_upscale import UpscaleJob, run
 
-    run_upscale(
-        args.inputs,
-        args.output,
-        args.t,
+    job = UpscaleJob(
+        sources=tuple(args.inputs),
+        dest=args.output,
+        knobs=tuple(args.t),
         model=args.model,
         tracking_uri=args.tracking_uri,
+        engine=args.engine,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        batch_size=args.batch_size,
         tile=args.tile,
-        force=args.force,
-        device=args.device,
         seed=args.seed,
+        device=args.device,
+        force=args.force,
+        storage_options=parse_sets(args.storage_option, flag="--storage-option"),
     )
+    report = run(job)
+    if report["images_skipped"] and not report["images_done"] and not report["images_already_done"]:
+        first = "; ".join(report["skipped"][:3])
+        print(f"oftsr upscale: error: no image could be upscaled: {first}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pipelines.serve import build_app, serve_forever
+
+    app = build_app(
+        args.model,
+        args.tracking_uri,
+        replicas=args.replicas,
+        gpus_per_replica=args.gpus_per_replica,
+        cpus_per_replica=args.cpus_per_replica,
+        max_batch_size=args.max_batch_size,
+        max_pixels=args.max_pixels,
+    )
+    serve_forever(app, host=args.host, port=args.port)
     return 0
 
 

@@ -128,7 +128,7 @@ def test_rerunning_from_another_folder_reuses_the_runs_and_registers_nothing_twi
         assert len(c.search_model_versions(f"name = '{name}'")) == 1
 
 
-def test_upscale_from_the_registry_writes_4x_images_and_refuses_to_overwrite(pipeline_run, tmp_path):
+def test_upscale_from_the_registry_writes_4x_images_and_a_rerun_skips_them(pipeline_run, tmp_path):
     root, *_ = pipeline_run
     src = tmp_path / "in"
     src.mkdir()
@@ -153,12 +153,14 @@ def test_upscale_from_the_registry_writes_4x_images_and_refuses_to_overwrite(pip
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    with Image.open(tmp_path / "out" / "a_x4_t0.00.png") as im:
+    with Image.open(tmp_path / "out" / "a_t0.png") as im:
         assert im.size == (37 * 4, 23 * 4)
-    with Image.open(tmp_path / "out" / "b_x4_t1.00.png") as im:
+    with Image.open(tmp_path / "out" / "b_t1.png") as im:
         assert im.size == (16 * 4, 20 * 4)
+    before = (tmp_path / "out" / "a_t0.png").stat().st_mtime_ns
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 0 and "2 already done" in again.stdout, again.stdout + again.stderr[-1000:]
+    assert (tmp_path / "out" / "a_t0.png").stat().st_mtime_ns == before  # not written again
     bad = subprocess.run([*cmd[:-4], "--t", "1.5"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "knob t" in bad.stderr
     missing = subprocess.run(
