@@ -6,6 +6,7 @@ nothing unpickled), a distillation's teacher. The network equivalence itself is 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -179,3 +180,52 @@ def test_the_paper_protocol_evaluates_the_listed_images_and_names_the_missing(im
     # the student was imported for ffhq_x4 (sigma_p 0.1): DIV2K's protocol (sigma_p 0.2) refuses it
     wrong = subprocess.run([*base, "--task", "div2k"], capture_output=True, text=True, timeout=600)
     assert wrong.returncode == 2 and "sigma_p: 0.2 here, 0.1 there" in wrong.stderr, wrong.stderr[-1500:]
+
+
+def test_the_service_and_a_distill_stage_run_from_the_imported_models(imported, tmp_path):
+    """``oftsr serve``'s replica logic on the imported student, and ``oftsr distill ffhq_x4`` with the imported
+    teacher from the registry (online targets; Ray Train on a local cluster; four 256x256 crops)."""
+    from oftsr.samples import export_sample_photos
+    from pipelines.serve import UpscaleService
+
+    _, uri, _, results = imported
+    service = UpscaleService("models:/oftsr-student@official", uri)
+    lr = np.random.default_rng(2).integers(0, 256, (16, 20, 3), dtype=np.uint8)
+    (out,) = service.upscale_batch([(lr, 1.0, 7)])
+    assert Image.open(io.BytesIO(out)).size == (80, 64)
+
+    photos = tmp_path / "photos"
+    for p in export_sample_photos(tmp_path / "all"):
+        if min(Image.open(p).size) >= 256:
+            photos.mkdir(exist_ok=True)
+            p.rename(photos / p.name)
+    sets = {
+        "distill.teacher": "models:/oftsr-teacher@official",
+        "data.source": str(photos),
+        "data.dtype": "float32",
+        "data.batch_size": 2,
+        "data.concurrency": 1,
+        "tracking.tracking_uri": uri,
+        "storage_path": str(tmp_path / "ray"),
+        "total_images": 4,
+        "batch_per_worker": 2,
+        "workers": 1,
+        "use_gpu": "false",
+        "cpus_per_worker": 0.5,
+        "checkpoint_every_images": 4,
+        "log_every_images": 2,
+        "optim.warmup_images": 0,
+    }
+    args = [sys.executable, "-m", "pipelines.cli", "distill", "ffhq_x4"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = sorted((tmp_path / "ray").rglob("checkpoint_*/stage.json"))
+    assert ckpts, list((tmp_path / "ray").rglob("*"))[:20]
+    stage = json.loads(ckpts[-1].read_text())
+    assert (stage["stage"], stage["sigma_p"], stage["preset"], stage["images_seen"]) == ("distill", 0.1, "ffhq", 4)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`oftsr.stage` = 'distill'")
+    pinned = f"models:/oftsr-teacher/{results['teacher']['version']}"  # the alias resolved once, for every attempt
+    assert [r.info.status for r in runs] == ["FINISHED"] and pinned in runs[0].data.params.values()
