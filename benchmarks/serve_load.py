@@ -28,8 +28,7 @@ import torch  # noqa: E402
 from machine import describe  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from oftsr.method import Method  # noqa: E402
-from tests.helpers import perturbed_unet  # noqa: E402
+from tests.helpers import perturbed_unet, register_student  # noqa: E402
 
 
 def free_port() -> int:
@@ -69,9 +68,7 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from pipelines.registry import log_and_register
     from pipelines.serve import build_app
-    from pipelines.tracking import client
 
     rng = np.random.default_rng(0)
     bodies = []
@@ -80,12 +77,8 @@ def main(argv=None) -> int:
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
         bodies.append(buf.getvalue())
     with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         torch.manual_seed(0)
-        c = client(uri)
-        run_id = c.create_run(c.create_experiment("bench")).info.run_id
-        meta = {"kind": "student", **Method(crop=64).to_dict()}
-        log_and_register(tracking_uri=uri, run_id=run_id, name="oftsr-student", net=perturbed_unet(0.02), meta=meta)
+        uri = register_student(tmp, perturbed_unet(0.02), crop=64)
         ray.init(address="local", log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

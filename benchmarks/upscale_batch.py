@@ -26,10 +26,9 @@ import torch  # noqa: E402
 from machine import describe  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from oftsr.method import Method  # noqa: E402
 from oftsr.samples import export_sample_photos  # noqa: E402
 from pipelines.batch_upscale import UpscaleJob, run  # noqa: E402
-from tests.helpers import perturbed_unet  # noqa: E402
+from tests.helpers import perturbed_unet, register_student  # noqa: E402
 
 
 def crops(folder: Path, out: Path, n: int) -> None:
@@ -47,17 +46,11 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "upscale_batch.json"))
     args = ap.parse_args(argv)
-    from pipelines.registry import log_and_register
-    from pipelines.tracking import client
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        uri = f"sqlite:///{root / 'mlflow.db'}"
         torch.manual_seed(0)
-        c = client(uri)
-        run_id = c.create_run(c.create_experiment("bench")).info.run_id
-        meta = {"kind": "student", **Method(crop=64).to_dict()}
-        log_and_register(tracking_uri=uri, run_id=run_id, name="oftsr-student", net=perturbed_unet(0.02), meta=meta)
+        uri = register_student(root, perturbed_unet(0.02), crop=64)
         crops(root / "photos", root / "in", args.images)
         model = "models:/oftsr-student@candidate"
         common = dict(sources=(str(root / "in"),), knobs=(0.5,), model=model, tracking_uri=uri)

@@ -10,7 +10,6 @@ what is wrong, and nothing is registered.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,9 @@ from typing import Any
 from oftsr.method import Method, disagreements
 from oftsr.nets import UNet, preset_config
 from oftsr.nets.official import method_from_checkpoint_name, official_state_dict, read_official_checkpoint
+from pipelines.shipped import sha256_of
 
 OFFICIAL_ALIAS = "official"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_method(path: Path, kind: str, recipe: str | None) -> tuple[str, Method]:
@@ -79,7 +71,7 @@ def import_checkpoint(
     checkpoint = read_official_checkpoint(path)
     state = official_state_dict(checkpoint, net, raw=raw, where=str(path))
     net.load_state_dict(state)
-    digest = _sha256(path)
+    digest = sha256_of(path)
     step = checkpoint.get("step")
     stage = {
         "stage": "distill" if kind == "student" else "teacher",

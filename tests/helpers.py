@@ -163,3 +163,20 @@ def photo_workdir(tmp_path_factory, name: str):
     root = tmp_path_factory.mktemp(name)
     export_sample_photos(root / "photos")
     return root
+
+
+def register_student(folder, net: nn.Module, **method) -> str:
+    """A SQLite MLflow store in ``folder`` with ``net`` registered as ``oftsr-student`` (a student of
+    ``Method(**method)``, aliased ``candidate`` and ``champion``); returns its tracking URI."""
+    from pathlib import Path
+
+    from oftsr.method import Method
+    from pipelines.registry import log_and_register
+    from pipelines.tracking import client
+
+    uri = f"sqlite:///{Path(folder) / 'mlflow.db'}"
+    c = client(uri)
+    run_id = c.create_run(c.create_experiment("oftsr-student")).info.run_id
+    meta = {"kind": "student", **Method(**method).to_dict()}
+    log_and_register(tracking_uri=uri, run_id=run_id, name="oftsr-student", net=net, meta=meta)
+    return uri

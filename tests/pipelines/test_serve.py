@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oftsr.method import Method
 from oftsr.nets import UNet, load_weights, preset_config
 from pipelines.shipped import shipped_weights
 from tests.browser import Browser, chromium
 from tests.conftest import free_port
+from tests.helpers import register_student
 
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "knob_page.png"
 
@@ -49,24 +49,12 @@ def request(url: str, data: bytes | None = None, method: str | None = None) -> t
 def service(tmp_path_factory, ray_cluster):
     from ray import serve
 
-    from pipelines.registry import log_and_register
     from pipelines.serve import build_app
-    from pipelines.tracking import client
 
-    root = tmp_path_factory.mktemp("serve")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     # a stand-in student that makes pictures (the README shows one): the shipped tiny teacher's weights
     net = UNet(preset_config("tiny", image_size=64))
     load_weights(net, shipped_weights("quickstart_teacher"))
-    c = client(uri)
-    run_id = c.create_run(c.create_experiment("serve")).info.run_id
-    log_and_register(
-        tracking_uri=uri,
-        run_id=run_id,
-        name="oftsr-student",
-        net=net,
-        meta={"kind": "student", **Method(crop=64, t_max=0.8).to_dict()},
-    )
+    uri = register_student(tmp_path_factory.mktemp("serve"), net, crop=64, t_max=0.8)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app("models:/oftsr-student@champion", uri, cpus_per_replica=0.5, max_batch_size=8)

@@ -17,9 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from oftsr.method import Method
 from pipelines.batch_upscale import REPORT, UpscaleJob, list_inputs, output_rel, run
-from tests.helpers import perturbed_unet
+from tests.helpers import perturbed_unet, register_student
 
 BUCKET = "upscale-batch"
 
@@ -66,18 +65,8 @@ BAD = {"bomb.png": "too-large", "notes.png": "not-an-image", "truncated.png": "c
 
 @pytest.fixture(scope="module")
 def student_uri(tmp_path_factory):
-    from pipelines.registry import log_and_register
-    from pipelines.tracking import client
-
-    root = tmp_path_factory.mktemp("student")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     torch.manual_seed(0)
-    net = perturbed_unet(0.02)
-    c = client(uri)
-    run_id = c.create_run(c.create_experiment("upscale")).info.run_id
-    meta = {"kind": "student", **Method(crop=64).to_dict()}
-    log_and_register(tracking_uri=uri, run_id=run_id, name="oftsr-student", net=net, meta=meta)
-    return uri
+    return register_student(tmp_path_factory.mktemp("student"), perturbed_unet(0.02), crop=64)
 
 
 @pytest.fixture(scope="module")
