@@ -20,12 +20,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from oftsr.degrade import degrade
+from oftsr.degrade import SEEDED_KINDS, degrade
 from oftsr.fid import InceptionFeatures, fid_from_features
 from oftsr.flow import conditioned, noise_from_seed, noisy_start
 from oftsr.infer import evaluating, one_step
 from oftsr.method import Method
 from oftsr.metrics import LPIPS, STLPIPS, PerceptualWeightsMissing, psnr, ssim
+from oftsr.realesrgan import RealESRGANSettings
 from oftsr.solvers import solve
 
 DEFAULT_KNOBS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
@@ -47,12 +48,25 @@ class EvalSettings:
     one_step_scale: float = 1.0
     clamp: bool = True
     split_above: int = 0
+    # the realesrgan chain (method.degradation = realesrgan), drawn per crop from the evaluation seed
+    realesrgan: RealESRGANSettings = dataclasses.field(default_factory=RealESRGANSettings)
 
     def __post_init__(self) -> None:
         if any(not 0.0 <= t <= 1.0 for t in self.knobs):
             raise ValueError(f"evaluate.knobs must lie in [0, 1], got {self.knobs}")
         if self.batch < 1:
             raise ValueError(f"evaluate.batch must be >= 1, got {self.batch}")
+
+
+def held_out_condition(hr: torch.Tensor, settings: EvalSettings, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lr, x_lr)`` of held-out crops ``offset ..``: the method's degradation with its noise (or, for realesrgan,
+    each crop's chain) drawn from the evaluation seed and the crops' positions, never from the batch split."""
+    m = settings.method
+    if m.degradation in SEEDED_KINDS:
+        seeds = [settings.seed * 1_000_003 + offset + j for j in range(hr.shape[0])]
+        return degrade(hr, m.sf, m.degradation, seeds=seeds, settings=settings.realesrgan.on_crops())
+    gen = torch.Generator().manual_seed(settings.seed * 100_003 + offset)
+    return degrade(hr, m.sf, m.degradation, m.sigma_y, gen)
 
 
 class Perceptual:
@@ -151,9 +165,8 @@ def evaluate_shard(
     for i in tqdm(batches, desc="evaluate", disable=not (sys.stderr.isatty() if progress is None else progress)):
         x1 = hr[i : i + settings.batch].to(device)
         b, at = x1.shape[0], offset + i
-        gen = torch.Generator().manual_seed(settings.seed * 100_003 + at)
         m = settings.method
-        _, x_lr = degrade(x1.cpu(), m.sf, m.degradation, m.sigma_y, gen)
+        _, x_lr = held_out_condition(x1.cpu(), settings, at)
         x_lr = x_lr.to(device)
         eps = noise_from_seed(x1.shape[1:], [settings.seed * 1_000_003 + at + j for j in range(b)], device=device)
         x0 = noisy_start(x_lr, m.sigma_p, noise=eps)

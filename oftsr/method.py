@@ -21,7 +21,8 @@ class Method:
 
     Attributes:
         sf: scale factor (4).
-        degradation: ``bicubic`` or ``avgpool`` (:mod:`oftsr.degrade`).
+        degradation: ``bicubic``, ``avgpool`` or ``realesrgan`` (:mod:`oftsr.degrade`; the realesrgan chain's
+            settings are the data plane's ``data.realesrgan``).
         sigma_y: measurement noise in [-1, 1] units, added in LR space (0 for the noiseless settings).
         sigma_p: noise of the start ``x0 = sqrt(1 - sigma_p^2) x_lr + sigma_p eps``.
         crop: HR training and evaluation crop (a multiple of ``sf``).
@@ -47,6 +48,8 @@ class Method:
             raise ValueError(f"method.degradation must be one of {KINDS}, got {self.degradation!r}")
         if self.sigma_y < 0:
             raise ValueError(f"method.sigma_y must be >= 0, got {self.sigma_y}")
+        if self.degradation == "realesrgan" and self.sigma_y:
+            raise ValueError("method.sigma_y must be 0 with the realesrgan degradation (its chain draws the noise)")
         if not 0.0 <= self.sigma_p <= 1.0:
             raise ValueError(f"method.sigma_p must lie in [0, 1], got {self.sigma_p}")
         if self.crop < 1 or self.crop % self.sf:

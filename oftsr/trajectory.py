@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from oftsr.conventions import uint8_to_image
-from oftsr.degrade import degrade
+from oftsr.degrade import SEEDED_KINDS, degrade, upsample
 from oftsr.flow import conditioned, noise_from_seed, noisy_start
 from oftsr.solvers import RK2_PARAMETER, rk2_velocity, solve
 
@@ -28,10 +28,26 @@ def sample_seed(cache_seed: int, key: str, crop_index: int, seed_index: int) -> 
 
 
 def sample_inputs(
-    hr_uint8: torch.Tensor, seeds: list[int], *, sf: int, kind: str, sigma_y: float, sigma_p: float
+    hr_uint8: torch.Tensor,
+    seeds: list[int],
+    *,
+    sf: int,
+    kind: str,
+    sigma_y: float,
+    sigma_p: float,
+    lr_uint8: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(hr, x_lr, x0, eps)`` for uint8 crops ``(B, 3, H, W)`` and one seed per crop (CPU, deterministic)."""
+    """``(hr, x_lr, x0, eps)`` for uint8 crops ``(B, 3, H, W)`` and one seed per crop (CPU, deterministic). Kinds
+    drawn per sample (realesrgan) are not regenerated: their stored LR ``lr_uint8`` (LR-sized, or HR-sized when the
+    chain resized it back) gives the condition."""
     hr = uint8_to_image(hr_uint8)
+    eps = noise_from_seed(hr.shape[1:], seeds)
+    if lr_uint8 is not None:
+        lr = uint8_to_image(lr_uint8)
+        x_lr = lr if lr.shape[-2:] == hr.shape[-2:] else upsample(lr, sf, kind)
+        return hr, x_lr, noisy_start(x_lr, sigma_p, noise=eps), eps
+    if kind in SEEDED_KINDS:
+        raise ValueError(f"the {kind} degradation is stored with the sample: pass its LR (lr_uint8)")
     x_lr = torch.cat(
         [
             degrade(
@@ -40,7 +56,6 @@ def sample_inputs(
             for i, s in enumerate(seeds)
         ]
     )
-    eps = noise_from_seed(hr.shape[1:], seeds)
     return hr, x_lr, noisy_start(x_lr, sigma_p, noise=eps), eps
 
 

@@ -21,14 +21,22 @@ from oftsr.method import Method
 RETRIES = 2
 
 
-def strip_outputs(student: nn.Module, hr: torch.Tensor, method: Method, device: str = "cpu") -> dict[str, torch.Tensor]:
+def strip_outputs(
+    student: nn.Module, hr: torch.Tensor, method: Method | EvalSettings, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
     """The strip's images for crops ``hr``: LR (nearest-neighbour enlarged), the student at t = 0 and t = 1 (on
     ``device``; the degradation and the noise are drawn on the CPU, so they are the same everywhere)."""
-    from oftsr.degrade import degrade
+    from oftsr.degrade import SEEDED_KINDS, degrade
     from oftsr.flow import conditioned, noisy_start
     from oftsr.infer import evaluating, one_step
 
-    lr, x_lr = degrade(hr, method.sf, method.degradation, method.sigma_y, torch.Generator().manual_seed(1))
+    settings = method if isinstance(method, EvalSettings) else EvalSettings(method=method)
+    method = settings.method
+    if method.degradation in SEEDED_KINDS:
+        seeds = list(range(1, hr.shape[0] + 1))
+        lr, x_lr = degrade(hr, method.sf, method.degradation, seeds=seeds, settings=settings.realesrgan.on_crops())
+    else:
+        lr, x_lr = degrade(hr, method.sf, method.degradation, method.sigma_y, torch.Generator().manual_seed(1))
     x0 = noisy_start(x_lr, method.sigma_p, torch.Generator().manual_seed(0))
     nearest = torch.nn.functional.interpolate(lr, scale_factor=method.sf, mode="nearest")
     x_lr, x0 = x_lr.to(device), x0.to(device)
@@ -60,7 +68,7 @@ def _shard(
         hr[start:stop], settings, student=student, teacher=teacher, device=device, offset=start, progress=False
     )
     if strip and student is not None:
-        part["strip"] = strip_outputs(student, hr[:strip], settings.method, device)
+        part["strip"] = strip_outputs(student, hr[:strip], settings, device)
     ctx = ray.get_runtime_context()
     part["node"] = {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address()}
     part["seconds"] = time.perf_counter() - began

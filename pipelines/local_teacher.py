@@ -53,6 +53,11 @@ class LocalTeacherConfig:
                 raise ValueError(f"LocalTeacherConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.crop % self.sf:
             raise ValueError(f"LocalTeacherConfig.crop ({self.crop}) must be a multiple of sf ({self.sf})")
+        if self.degradation not in ("bicubic", "avgpool"):
+            raise ValueError(
+                f"LocalTeacherConfig.degradation must be bicubic or avgpool, got {self.degradation!r} (the realesrgan "
+                "chain trains through `oftsr run realworld_quickstart`, which fine-tunes the shipped teacher on it)"
+            )
 
 
 def _load_rgb(path: Path) -> torch.Tensor:

@@ -7,10 +7,12 @@ The paper settings (DESIGN sections 3, 4, 7) take their data location from ``--s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from oftsr.ema import half_life_from_decay
 from oftsr.method import Method
+from oftsr.realesrgan import OFTSR_REALSR
 from oftsr.training import OptimConfig
 from pipelines.cache.config import TrajectoryConfig
 from pipelines.data.config import DataConfig
@@ -115,8 +117,40 @@ QUICKSTART = {
 }
 
 
-def paper(name: str, method: Method, source: str, *, crops_per_image: int = 1) -> PipelineConfig:
-    data = DataConfig(source=source, crops_per_image=crops_per_image, dtype="float16", batch_size=16)
+def realworld_quickstart() -> PipelineConfig:
+    """The quickstart on real-world degradations: the official OFTSR real-world chain (:data:`OFTSR_REALSR`, its
+    300-pixel region and 256 crop scaled to the 64 crop: 76 and 64), a longer teacher fine-tune (the shipped teacher
+    was trained on bicubic inputs), the same trajectory cache (which stores each crop's LR) and distillation.
+    Registered as ``oftsr-realworld-teacher`` / ``oftsr-realworld-student`` beside the bicubic quickstart's."""
+    base = quickstart()
+    name, n = "realworld_quickstart", REALWORLD_QUICKSTART["teacher_images"]
+    settings = dataclasses.replace(OFTSR_REALSR, gt_size=64, crop_pad_size=76)
+    return dataclasses.replace(
+        base,
+        name=name,
+        method=dataclasses.replace(base.method, degradation="realesrgan"),
+        data=dataclasses.replace(base.data, realesrgan=settings),
+        teacher=dataclasses.replace(
+            base.teacher,
+            run_name=f"{name}-teacher",
+            total_images=n,
+            ema_half_life_images=n / 4,
+            checkpoint_every_images=n,
+        ),
+        trajectories=dataclasses.replace(base.trajectories, run_name=f"{name}-trajectories"),
+        distill=dataclasses.replace(base.distill, run_name=f"{name}-distill"),
+        out=f"outputs/{name}",
+        teacher_model="oftsr-realworld-teacher",
+        student_model="oftsr-realworld-student",
+    )
+
+
+#: What the real-world quickstart changes from :data:`QUICKSTART`.
+REALWORLD_QUICKSTART = {"teacher_images": 1024}
+
+
+def paper(name: str, method: Method, source: str, *, crops_per_image: int = 1, **data_fields) -> PipelineConfig:
+    data = DataConfig(source=source, crops_per_image=crops_per_image, dtype="float16", batch_size=16, **data_fields)
     common = dict(
         data=data,
         batch_per_worker=4,
@@ -163,6 +197,16 @@ RECIPES: dict[str, Callable[[], PipelineConfig]] = {
         "div2k_x4", Method(sigma_p=0.2, preset="ffhq"), "s3://my-bucket/div2k-train-hr", crops_per_image=8
     ),
     "imagenet_x4": lambda: paper("imagenet_x4", Method(sigma_p=0.2, preset="imagenet"), "s3://my-bucket/imagenet256"),
+    # the official real-world setting: DIV2K's teacher settings (sigma_p 0.2, the ffhq/DIV2K network) on the
+    # Real-ESRGAN chain of its configs/ir_fm_DIV2K.yml (300-pixel regions degraded, then 256 crops)
+    "realworld_x4": lambda: paper(
+        "realworld_x4",
+        Method(sigma_p=0.2, degradation="realesrgan", preset="ffhq"),
+        "s3://my-bucket/div2k-train-hr",
+        crops_per_image=8,
+        realesrgan=OFTSR_REALSR,
+    ),
+    "realworld_quickstart": realworld_quickstart,
 }
 
 

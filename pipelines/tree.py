@@ -69,7 +69,7 @@ class PipelineConfig:
         shared = {"method": self.method, "data": data, "tracking": self.tracking}
         for name in STAGES:
             set_(name, dataclasses.replace(getattr(self, name), **shared))
-        set_("evaluate", dataclasses.replace(self.evaluate, method=self.method))
+        set_("evaluate", dataclasses.replace(self.evaluate, method=self.method, realesrgan=data.realesrgan))
 
     def stage(self, name: str) -> StageConfig | TrajectoryConfig:
         """The runtime config of stage ``name``: the tree's method, data and tracking, and its teacher (unless the
@@ -87,7 +87,11 @@ class PipelineConfig:
         the method, data and tracking are not repeated)."""
         from pipelines.overrides import flatten
 
-        copies = (*(f"{s}.{g}." for s in STAGES for g in ("method", "data", "tracking")), "evaluate.method.")
+        copies = (
+            *(f"{s}.{g}." for s in STAGES for g in ("method", "data", "tracking")),
+            "evaluate.method.",
+            "evaluate.realesrgan.",
+        )
         data_copies = {f"data.{f}" for f in METHOD_DATA_FIELDS}
         return {k: v for k, v in flatten(self).items() if not k.startswith(copies) and k not in data_copies}
 
@@ -100,6 +104,8 @@ def refused(key: str, command: str) -> str | None:
         return f"{key} is a method parameter shared by every stage: set method.{rest}"
     if head == "evaluate" and field == "method":
         return f"{key}: evaluation uses the tree's method: set method.{rest.partition('.')[2] or '<field>'}"
+    if head == "evaluate" and field == "realesrgan":
+        return f"{key}: evaluation degrades with the data plane's chain: set data.{rest}"
     method_fields = {f.name for f in dataclasses.fields(Method)}
     if head in STAGES and (field in method_fields or rest in ("loss.t_min", "loss.t_max")):
         return f"{key} is a method parameter shared by every stage: set method.{rest.rpartition('.')[2]}"

@@ -114,9 +114,10 @@ def stop_process_group(proc, sig=None) -> None:
         proc.wait(timeout=30)
 
 
-def quickstart_command(root) -> list[str]:
-    """``oftsr run quickstart`` with its outputs moved below ``root`` (results, MLflow store, checkpoints, cache):
-    nothing that changes what is trained or how it is evaluated."""
+def quickstart_command(root, recipe: str = "quickstart", **extra) -> list[str]:
+    """``oftsr run quickstart`` (or another ``recipe``) with its outputs moved below ``root`` (results, MLflow store,
+    checkpoints, cache): nothing that changes what is trained or how it is evaluated, unless ``extra`` says so
+    (``--set`` overrides, keys with ``__`` for dots)."""
     import sys
     from pathlib import Path
 
@@ -127,8 +128,9 @@ def quickstart_command(root) -> list[str]:
         "teacher.storage_path": root / "ray",
         "distill.storage_path": root / "ray",
         "trajectories.out": root / "cache",
+        **{k.replace("__", "."): v for k, v in extra.items()},
     }
-    return [sys.executable, "-m", "pipelines.cli", "run", "quickstart", *(f"--set={k}={v}" for k, v in sets.items())]
+    return [sys.executable, "-m", "pipelines.cli", "run", recipe, *(f"--set={k}={v}" for k, v in sets.items())]
 
 
 def stage_config(stage: str, root, **sets):

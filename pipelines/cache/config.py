@@ -77,7 +77,13 @@ def cache_key(cfg: TrajectoryConfig, *, teacher_version: str, manifest_hash: str
         "format": 1,
         "teacher_version": teacher_version,
         "manifest_hash": manifest_hash,
-        "degradation": {"kind": d.degradation, "sf": d.sf, "sigma_y": d.sigma_y},
+        "degradation": {
+            "kind": d.degradation,
+            "sf": d.sf,
+            "sigma_y": d.sigma_y,
+            # the chain's settings where the degradation is drawn per sample (its LR is stored, not regenerated)
+            **({"realesrgan": d.realesrgan.to_dict()} if d.seeded else {}),
+        },
         "crop": d.crop,
         "crops_per_image": cfg.crops_per_image,
         "sigma_p": cfg.method.sigma_p,

@@ -34,6 +34,7 @@ class CachedTargets:
             kind=self.deg["kind"],
             sigma_y=self.deg["sigma_y"],
             sigma_p=self.sigma_p,
+            lr_uint8=torch.stack([r["lr"] for r in rows]) if rows and rows[0]["lr"] is not None else None,
         )
         pick = [int(torch.randint(len(r["t"]), (1,))) for r in rows]
         f32 = lambda x: x.float().numpy()  # noqa: E731

@@ -51,6 +51,21 @@ def teacher_version(uri: str, storage_options=None, tracking_uri: str | None = N
     return prefix + resolved, sums["ema.safetensors"][:16]
 
 
+def realworld_pairs(hr_uint8: torch.Tensor, seeds: list[int], d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The realesrgan chain on uint8 regions: ``(hr, lr)`` as uint8, ``lr`` HR-sized when the chain resizes back."""
+    from oftsr.conventions import image_to_uint8, uint8_to_image
+    from oftsr.realesrgan import realesrgan
+
+    out = realesrgan(uint8_to_image(hr_uint8), seeds, d.sf, d.realesrgan)
+    lr = out.x_lr if d.realesrgan.resize_back else out.lr
+    return image_to_uint8(out.hr), image_to_uint8(lr)
+
+
+def realworld_lr_shape(d) -> list[int]:
+    side = d.crop if d.realesrgan.resize_back else d.crop // d.sf
+    return [3, side, side]
+
+
 class ShardWriter:
     """Ray Data callable class: loads the teacher once, then computes and writes one shard per call."""
 
@@ -68,15 +83,15 @@ class ShardWriter:
         for key in keys:
             try:
                 img = fetch_image(key, d.storage_options, retries=d.read_retries, max_pixels=d.max_pixels)
-                if img.shape[0] < d.crop or img.shape[1] < d.crop:
-                    raise DecodeError(key, "too-small", f"{img.shape[0]}x{img.shape[1]} < crop {d.crop}")
+                if img.shape[0] < d.region or img.shape[1] < d.region:
+                    raise DecodeError(key, "too-small", f"{img.shape[0]}x{img.shape[1]} < crop {d.region}")
             except DecodeError as err:
                 skipped.append((key, err.reason))
                 continue
             for c in range(cfg.crops_per_image):
                 gen = torch.Generator().manual_seed(sample_seed(cfg.seed, key, c, -1))
                 box = random_box(
-                    img.shape[0], img.shape[1], d.crop, p_hflip=d.p_hflip, p_vflip=d.p_vflip, generator=gen
+                    img.shape[0], img.shape[1], d.region, p_hflip=d.p_hflip, p_vflip=d.p_vflip, generator=gen
                 )
                 hr = crop_array(img, box)
                 for s in range(cfg.seeds_per_crop):
@@ -97,13 +112,19 @@ class ShardWriter:
         for i in range(0, len(samples), cfg.batch):
             part = samples[i : i + cfg.batch]
             seeds = [s["seed"] for s in part]
+            hr, lr = torch.stack([s["hr"] for s in part]), None
+            if d.seeded:  # drawn once here and stored: the chain is too costly to redraw every epoch
+                hr, lr = realworld_pairs(hr, seeds, d)
+                for s, h, low in zip(part, hr, lr, strict=True):
+                    s["hr"], s["lr"] = h, low
             _, x_lr, x0, _ = sample_inputs(
-                torch.stack([s["hr"] for s in part]),
+                hr,
                 seeds,
                 sf=d.sf,
                 kind=d.degradation,
                 sigma_y=d.sigma_y,
                 sigma_p=cfg.method.sigma_p,
+                lr_uint8=lr,
             )
             out = teacher_targets(
                 self.net,
@@ -133,6 +154,7 @@ class ShardWriter:
                         "v_bound": tensor_bytes(out["v_bound"][j], cfg.dtype),
                         "endpoint": tensor_bytes(out["endpoint"][j], cfg.dtype),
                         "nfe": int(out["nfe"]),
+                        "lr": tensor_bytes(s["lr"], "uint8") if "lr" in s else None,
                     }
                 )
         return rows
@@ -259,6 +281,7 @@ def _compute(cfg, run, logger, prefix, key, shards, teacher_uri, max_shards, log
         "hash": key_hash(key),
         "teacher": teacher_uri,
         "shape": [3, cfg.data.crop, cfg.data.crop],
+        **({"lr_shape": realworld_lr_shape(cfg.data)} if cfg.data.seeded else {}),
         "shards": fs_shards,
         "rows": sum(s["rows"] for s in fs_shards),
         "bytes": sum(s["bytes"] for s in fs_shards),

@@ -36,6 +36,7 @@ SCHEMA = pa.schema(
         ("v_bound", pa.binary()),
         ("endpoint", pa.binary()),
         ("nfe", pa.int32()),
+        ("lr", pa.binary()),  # uint8, for degradations drawn per sample (realesrgan); null otherwise
     ]
 )
 
@@ -138,7 +139,7 @@ def shard_rows(uri: str, storage_options=None) -> int:
 
 def decode_row(row: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     """One stored row as tensors: ``hr`` uint8 ``(3, H, W)``, ``u_bar``/``v_bar`` ``(P, 3, H, W)``, ``v_bound``,
-    ``endpoint`` ``(3, H, W)``, ``t`` ``(P,)``, in the stored dtype."""
+    ``endpoint`` ``(3, H, W)``, ``t`` ``(P,)``, in the stored dtype; ``lr`` uint8 (``manifest["lr_shape"]``) or None."""
     shape = tuple(manifest["shape"])
     dtype = manifest["key"]["dtype"]
     p = len(row["t"])
@@ -154,6 +155,7 @@ def decode_row(row: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
         "v_bar": bytes_tensor(row["v_bar"], dtype, (p, *shape)),
         "v_bound": bytes_tensor(row["v_bound"], dtype, shape),
         "endpoint": bytes_tensor(row["endpoint"], dtype, shape),
+        "lr": bytes_tensor(row["lr"], "uint8", tuple(manifest["lr_shape"])) if row.get("lr") is not None else None,
     }
 
 

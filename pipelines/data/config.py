@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 from oftsr.degrade import KINDS
+from oftsr.realesrgan import RealESRGANSettings
 from pipelines.data.decode import DEFAULT_MAX_PIXELS
 
 DTYPES = ("float16", "float32")
@@ -26,6 +27,11 @@ class DataConfig:
     sf: int = 4
     degradation: str = "bicubic"
     sigma_y: float = 0.0
+    # The realesrgan chain's settings (defaults: the published Real-ESRGAN ones), and where it runs: in the Ray Data
+    # CPU tasks ("data"), or batched in the training worker on its device ("worker"; the tasks then send the HR
+    # crop and its seed).
+    realesrgan: RealESRGANSettings = dataclasses.field(default_factory=RealESRGANSettings)
+    degrade_on: Literal["data", "worker"] = "data"
     p_hflip: float = 0.5
     p_vflip: float = 0.0625
     dtype: str = "float32"
@@ -53,6 +59,14 @@ class DataConfig:
             raise ValueError(f"DataConfig.degradation must be one of {KINDS}, got {self.degradation!r}")
         if self.sigma_y < 0:
             raise ValueError(f"DataConfig.sigma_y must be >= 0, got {self.sigma_y}")
+        if self.degrade_on not in ("data", "worker"):
+            raise ValueError(f"data.degrade_on must be 'data' or 'worker', got {self.degrade_on!r}")
+        if self.degrade_on == "worker" and self.degradation != "realesrgan":
+            raise ValueError("data.degrade_on=worker is for the realesrgan degradation (the others cost nothing)")
+        self.realesrgan.check("data.realesrgan")
+        gt = self.realesrgan.gt_size
+        if self.degradation == "realesrgan" and gt is not None and gt != self.crop:
+            raise ValueError(f"data.realesrgan.gt_size ({gt}) must be the training crop (method.crop = {self.crop})")
         for name in ("p_hflip", "p_vflip", "max_bad_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"DataConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -62,3 +76,14 @@ class DataConfig:
             raise ValueError("DataConfig.max_pixels, batch_size and num_cpus must be positive")
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError(f"DataConfig.concurrency must be >= 1 or None, got {self.concurrency}")
+
+    @property
+    def seeded(self) -> bool:
+        """Whether each crop's degradation is drawn from its own seed (the realesrgan chain)."""
+        return self.degradation == "realesrgan"
+
+    @property
+    def region(self) -> int:
+        """The side of the region cut from a photo: the crop, or the realesrgan chain's ``crop_pad_size`` (its
+        paired crop then gives the training crop)."""
+        return (self.realesrgan.crop_pad_size or self.crop) if self.seeded else self.crop

@@ -2,7 +2,9 @@
 crop, flip and degrade several images per call. Ray-free, so they run and test in a plain process too.
 
 Output columns: ``key`` (source URI), ``box`` ``(N, 6)`` int32 ``[top, left, height, width, hflip, vflip]``, ``hr`` and
-``x_lr`` ``(N, 3, crop, crop)`` in [-1, 1] as float16/float32, and ``lr`` when ``keep_lr``. Objects that cannot be
+``x_lr`` ``(N, 3, crop, crop)`` in [-1, 1] as float16/float32, and ``lr`` when ``keep_lr``. With the realesrgan
+degradation and ``degrade_on="worker"``, ``hr`` is the region to degrade and ``seed`` (int64) replaces ``x_lr``: the
+training worker degrades the batch on its device (:func:`degrade_on_worker`). Objects that cannot be
 used are skipped and reported to a ledger with their key and reason; they never fail the batch.
 """
 
@@ -18,6 +20,7 @@ import torch
 from oftsr.augment import CropBox, center_box, random_box
 from oftsr.conventions import uint8_to_image
 from oftsr.degrade import degrade
+from oftsr.realesrgan import RealESRGANSettings, realesrgan
 from pipelines.data.config import DataConfig
 from pipelines.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from pipelines.data.storage import StorageError, filesystem, read_bytes
@@ -88,6 +91,21 @@ class _Transform:
     def _noise_generator(self, key: str) -> torch.Generator:
         raise NotImplementedError
 
+    def _degradation_seed(self, key: str, index: int) -> int:
+        """The seed of the ``index``-th crop of ``key``'s realesrgan chain."""
+        raise NotImplementedError
+
+    def _settings(self) -> RealESRGANSettings:
+        return self.cfg.realesrgan
+
+    def _seeds(self, keys: list[str]) -> list[int]:
+        seen: dict[str, int] = {}
+        out = []
+        for k in keys:
+            out.append(self._degradation_seed(k, seen.get(k, 0)))
+            seen[k] = seen.get(k, 0) + 1
+        return out
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(k) for k in batch["key"]]
         blobs = batch.get("bytes")
@@ -111,14 +129,13 @@ class _Transform:
     def _finish(self, keys: list[str], boxes: list[list[int]], crops: list[torch.Tensor]) -> dict[str, np.ndarray]:
         cfg = self.cfg
         dtype = np.float16 if cfg.dtype == "float16" else np.float32
+        on_worker = cfg.seeded and cfg.degrade_on == "worker"
         if not crops:
             s, lr_s = cfg.crop, cfg.crop // cfg.sf
-            out = {
-                "key": np.array([], dtype=object),
-                "box": np.zeros((0, 6), np.int32),
-                "hr": np.zeros((0, 3, s, s), dtype),
-                "x_lr": np.zeros((0, 3, s, s), dtype),
-            }
+            out = {"key": np.array([], dtype=object), "box": np.zeros((0, 6), np.int32)}
+            if on_worker:
+                return {**out, "hr": np.zeros((0, 3, cfg.region, cfg.region), dtype), "seed": np.zeros(0, np.int64)}
+            out |= {"hr": np.zeros((0, 3, s, s), dtype), "x_lr": np.zeros((0, 3, s, s), dtype)}
             if cfg.keep_lr:
                 out["lr"] = np.zeros((0, 3, lr_s, lr_s), dtype)
             return out
@@ -127,7 +144,17 @@ class _Transform:
             ragged = {name: _object_array([p[name][0] for p in parts]) for name in parts[0] if name != "box"}
             return {**ragged, "box": np.asarray(boxes, dtype=np.int32)}
         hr = uint8_to_image(torch.stack(crops))
-        if cfg.sigma_y > 0:  # per-sample noise so that each crop's degradation does not depend on its batch
+        if on_worker:
+            seeds = np.asarray(self._seeds(keys), dtype=np.int64)
+            return {
+                "key": np.array(keys, dtype=object),
+                "box": np.asarray(boxes, np.int32),
+                "hr": hr.numpy().astype(dtype),
+                "seed": seeds,
+            }
+        if cfg.seeded:
+            hr, lr, x_lr = realesrgan(hr, self._seeds(keys), cfg.sf, self._settings())
+        elif cfg.sigma_y > 0:  # per-sample noise so that each crop's degradation does not depend on its batch
             pairs = [
                 degrade(hr[i : i + 1], cfg.sf, cfg.degradation, cfg.sigma_y, self._noise_generator(k))
                 for i, k in enumerate(keys)
@@ -192,16 +219,20 @@ class TrainTransform(_Transform):
 
     def _boxes(self, key: str, height: int, width: int) -> list[CropBox]:
         cfg = self.cfg
-        if height < cfg.crop or width < cfg.crop:
-            raise DecodeError(key, "too-small", f"{height}x{width} < crop {cfg.crop}")
+        size = cfg.region
+        if height < size or width < size:
+            raise DecodeError(key, "too-small", f"{height}x{width} < crop {size}")
         gen = self._gen(key, 0)
         return [
-            random_box(height, width, cfg.crop, p_hflip=cfg.p_hflip, p_vflip=cfg.p_vflip, generator=gen)
+            random_box(height, width, size, p_hflip=cfg.p_hflip, p_vflip=cfg.p_vflip, generator=gen)
             for _ in range(cfg.crops_per_image)
         ]
 
     def _noise_generator(self, key: str) -> torch.Generator:
         return self._gen(key, 1)
+
+    def _degradation_seed(self, key: str, index: int) -> int:
+        return secrets.randbits(62) if self.cfg.seed is None else _key_seed(self.cfg.seed, key, 100 + index)
 
 
 class EvalTransform(_Transform):
@@ -228,3 +259,20 @@ class EvalTransform(_Transform):
 
     def _noise_generator(self, key: str) -> torch.Generator:
         return torch.Generator().manual_seed(_key_seed(self.cfg.seed or 0, key, 1))
+
+    def _degradation_seed(self, key: str, index: int) -> int:
+        return _key_seed(self.cfg.seed or 0, key, 100 + index)
+
+    def _settings(self) -> RealESRGANSettings:
+        return self.cfg.realesrgan.on_crops()  # the HR crop is the reference: no sharpening, no paired crop
+
+
+def degrade_on_worker(cfg: DataConfig, batch: dict[str, Any]) -> dict[str, Any]:
+    """A batch of ``degrade_on="worker"`` (HR regions and their seeds, tensors on the worker's device) degraded there:
+    the same ``hr``/``x_lr``[/``lr``] columns as the CPU tasks give, computed in batched torch on that device."""
+    seeds = [int(s) for s in batch["seed"].tolist()]
+    hr, lr, x_lr = realesrgan(batch["hr"], seeds, cfg.sf, cfg.realesrgan)
+    out = {**batch, "hr": hr, "x_lr": x_lr}
+    if cfg.keep_lr:
+        out["lr"] = lr
+    return out

@@ -40,6 +40,7 @@ from oftsr.training import (
     train_step,
 )
 from pipelines.data.loader import iter_crops
+from pipelines.data.transforms import degrade_on_worker
 from pipelines.metric_logger import MetricLogger
 from pipelines.train.checkpoint import CheckpointCorrupt, load_checkpoint, load_teacher, save_checkpoint
 from pipelines.train.config import StageConfig
@@ -200,6 +201,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             batches += 1
             take = min(cfg.batch_per_worker, (cfg.total_images - images_seen) // world)
             batch = {k: v[:take] for k, v in batch.items()}
+            if "seed" in batch and "x_lr" not in batch:  # data.degrade_on=worker: the chain runs here, batched
+                batch = degrade_on_worker(cfg.data, batch)
             _maybe_fault(cfg, rank, images_seen)
             lr = lr_at(images_seen, cfg.optim)
             step_timer.start()

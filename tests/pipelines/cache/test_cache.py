@@ -334,3 +334,73 @@ def test_a_registered_teacher_is_read_from_the_registry_with_the_same_content_ke
 
     with pytest.raises(FileNotFoundError, match="models:/oftsr-teacher@nope"):
         run_trajectories(dataclasses.replace(cfg, teacher="models:/oftsr-teacher@nope"))
+
+
+def test_the_realesrgan_settings_are_part_of_the_key_and_other_kinds_keys_are_unchanged(workdir):
+    from oftsr.realesrgan import RealESRGANSettings
+    from pipelines.cache.stage import plan
+
+    rows = [{"key": "a", "size": 1}]
+    base = cfg_for(workdir)
+    key = plan(base, rows, "teacher-a")[1]
+    assert "realesrgan" not in key["degradation"]  # bicubic caches made before keep their prefix
+    data = DataConfig(source=str(workdir / "photos"), crop=64, degradation="realesrgan")
+    real = cfg_for(workdir, data=data, method=Method(crop=64, degradation="realesrgan"))
+    other = dataclasses.replace(
+        real, data=dataclasses.replace(data, realesrgan=RealESRGANSettings(second_order_prob=0.5))
+    )
+    assert plan(real, rows, "teacher-a")[0] != plan(other, rows, "teacher-a")[0]
+    assert plan(real, rows, "teacher-a")[1]["degradation"]["realesrgan"]["second_order_prob"] == 1.0
+    # where the chain runs is not content
+    worker = dataclasses.replace(real, data=dataclasses.replace(data, degrade_on="worker"))
+    assert plan(worker, rows, "teacher-a")[0] == plan(real, rows, "teacher-a")[0]
+
+
+def test_a_realworld_cache_stores_each_samples_lr_and_training_reads_its_condition_from_it(workdir, ray_cluster):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from oftsr.augment import CropBox, apply_box
+    from oftsr.degrade import upsample
+    from oftsr.realesrgan import RealESRGANSettings
+    from pipelines.cache.dataset import CachedTargets
+    from pipelines.cache.stage import realworld_pairs, run_trajectories
+    from pipelines.data.decode import decode_image
+
+    settings = RealESRGANSettings(gt_size=64, crop_pad_size=76)
+    data = DataConfig(source=str(workdir / "photos"), crop=64, degradation="realesrgan", realesrgan=settings)
+    cfg = cfg_for(workdir, data=data, method=Method(crop=64, degradation="realesrgan"), out=str(workdir / "out_rw"))
+    done = run_trajectories(cfg)
+    manifest = read_manifest(done["uri"])
+    assert manifest["lr_shape"] == [3, 16, 16] and manifest["key"]["degradation"]["realesrgan"]["gt_size"] == 64
+    rows = read_rows(done["uri"])
+    assert len(rows) == 9 * 2 and all(r["lr"].shape == (3, 16, 16) and r["hr"].shape == (3, 64, 64) for r in rows)
+    row = rows[0]
+    top, left, h, w, hf, vf = row["box"]
+    assert h == w == 76  # the region; the chain's paired crop gives the 64 crop
+    with open(row["key"], "rb") as f:
+        img = torch.from_numpy(np.array(decode_image(f.read()))).permute(2, 0, 1)
+    region = apply_box(img, CropBox(top, left, h, bool(hf), bool(vf), size_w=w))[None]
+    hr, lr = realworld_pairs(region, [row["seed"]], data)
+    assert torch.equal(hr[0], row["hr"]) and torch.equal(lr[0], row["lr"])
+    # the teacher's targets were computed from that LR, and distillation reads its condition from it
+    net = build_unet("tiny")
+    net.load_state_dict(load_checkpoint(workdir / "teacher1" / "checkpoint_000000000001")["ema"])
+    _, x_lr, x0, _ = sample_inputs(
+        row["hr"][None], [row["seed"]], sf=4, kind="realesrgan", sigma_y=0.0, sigma_p=0.2, lr_uint8=row["lr"][None]
+    )
+    assert torch.equal(x_lr, upsample(row["lr"][None].float() / 127.5 - 1, 4, "realesrgan"))
+    again = teacher_targets(net.eval(), x_lr, x0, GRID)
+    assert (again["endpoint"][0] - row["endpoint"].float()).abs().max() < 2e-3
+    shard = manifest["shards"][0]["uri"]
+    table = pq.read_table(shard).to_pydict()
+    batch = {}
+    for k, v in table.items():  # one object per row, as a numpy batch of Ray Data holds list and binary columns
+        batch[k] = np.empty(len(v), dtype=object)
+        for i, item in enumerate(v):
+            batch[k][i] = item
+    out = CachedTargets(manifest)(batch)
+    first = next(i for i, k in enumerate(table["key"]) if k == row["key"] and table["seed"][i] == row["seed"])
+    assert np.array_equal(out["x_lr"][first], x_lr[0].numpy())
+    with pytest.raises(ValueError, match="pass its LR"):
+        sample_inputs(row["hr"][None], [row["seed"]], sf=4, kind="realesrgan", sigma_y=0.0, sigma_p=0.2)
