@@ -28,13 +28,12 @@ from oftsr.nets import UNet  # noqa: E402
 from oftsr.realesrgan import realesrgan  # noqa: E402
 from pipelines.pipeline import held_out_crops  # noqa: E402
 from pipelines.recipes import pipeline  # noqa: E402
-from pipelines.registry import load_model  # noqa: E402
+from pipelines.registry import load_model, require_kind  # noqa: E402
 
 
 def _student(uri: str, tracking_uri: str) -> UNet:
     net, meta = load_model(uri, tracking_uri=tracking_uri)
-    if meta.get("kind") != "student":
-        raise ValueError(f"{uri} is a {meta.get('kind')} model; a student is needed here")
+    require_kind(uri, meta, "student", "a student is needed here")
     return net.eval()
 
 

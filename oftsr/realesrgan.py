@@ -59,6 +59,12 @@ def _probs(name: str, value: Sequence[float], n: int) -> None:
         raise ValueError(f"{name} must be non-negative and sum to 1, got {list(value)} (sum {sum(value):g})")
 
 
+def _kernel_sizes(name: str, value: Sequence[int]) -> None:
+    if len(value) != 2 or any(int(v) != v or v % 2 == 0 or not MIN_KERNEL <= v <= MAX_KERNEL for v in value):
+        raise ValueError(f"{name} must be two odd sizes within {MIN_KERNEL}..{MAX_KERNEL}, got {list(value)}")
+    _pair(name, value)
+
+
 def _prob(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
@@ -97,12 +103,7 @@ class StageSettings:
     jpeg_range: tuple[float, ...] = (30.0, 95.0)
 
     def check(self, where: str) -> None:
-        k = self.kernel_size
-        if len(k) != 2 or any(int(v) != v or v % 2 == 0 or not MIN_KERNEL <= v <= MAX_KERNEL for v in k):
-            raise ValueError(
-                f"{where}.kernel_size must be two odd sizes within {MIN_KERNEL}..{MAX_KERNEL}, got {list(k)}"
-            )
-        _pair(f"{where}.kernel_size", k)
+        _kernel_sizes(f"{where}.kernel_size", self.kernel_size)
         _probs(f"{where}.kernel_prob", self.kernel_prob, len(KERNEL_TYPES))
         _probs(f"{where}.resize_prob", self.resize_prob, 3)
         for name in ("sinc_prob", "gaussian_noise_prob", "gray_noise_prob"):
@@ -166,7 +167,7 @@ class RealESRGANSettings:
         self.second.check(f"{where}.second")
         for name in ("second_order_prob", "second_blur_prob", "final_sinc_prob"):
             _prob(f"{where}.{name}", getattr(self, name))
-        StageSettings(kernel_size=self.final_kernel_size).check(f"{where}.final")
+        _kernel_sizes(f"{where}.final.kernel_size", self.final_kernel_size)
         _pair(f"{where}.final_sinc_omega", self.final_sinc_omega, 1e-6, math.pi)
         if self.gt_size is not None and self.gt_size < 1:
             raise ValueError(f"{where}.gt_size must be a positive size or None, got {self.gt_size}")

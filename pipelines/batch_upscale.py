@@ -163,11 +163,10 @@ class Student:
         import torch
 
         from oftsr.engine import fast_student
-        from pipelines.registry import load_model
+        from pipelines.registry import load_model, require_kind
 
         net, meta = load_model(model, tracking_uri=tracking_uri)
-        if meta.get("kind") != "student":
-            raise ValueError(f"{model} is a {meta.get('kind')} model; upscale needs the one-step student")
+        require_kind(model, meta, "student", "upscale needs the one-step student")
         self.meta, self.knobs, self.seed = meta, tuple(knobs), seed
         self.device = torch.device(device)
         self.net = fast_student(net, self.device)  # CUDA: bf16, compiled, CUDA graphs; CPU: all cores

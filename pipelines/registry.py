@@ -249,6 +249,12 @@ def pin_model_uri(uri: str, *, tracking_uri: str | None = None) -> tuple[str, st
     return pinned, digest
 
 
+def require_kind(uri: str, meta: dict[str, Any], kind: str, why: str) -> None:
+    """Refuse a loaded model that is not a ``kind`` (``teacher`` / ``student``), saying ``why`` one is needed."""
+    if meta.get("kind") != kind:
+        raise ValueError(f"{uri} is a {meta.get('kind')} model; {why}")
+
+
 def load_model(uri: str, *, tracking_uri: str | None = None) -> tuple[UNet, dict[str, Any]]:
     """Our network and its metadata from ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` / ``runs:/...``, a
     downloaded model folder, or a training checkpoint folder (or run folder). Errors name the URI."""

@@ -64,11 +64,10 @@ class UpscaleService:
         import torch
 
         from oftsr.engine import fast_student
-        from pipelines.registry import load_model
+        from pipelines.registry import load_model, require_kind
 
         net, meta = load_model(model, tracking_uri=tracking_uri)
-        if meta.get("kind") != "student":
-            raise ValueError(f"{model} is a {meta.get('kind')} model; the service needs the one-step student")
+        require_kind(model, meta, "student", "the service needs the one-step student")
         self.model, self.meta, self.max_pixels = model, meta, max_pixels
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.net = fast_student(net, self.device)

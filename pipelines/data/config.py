@@ -63,7 +63,6 @@ class DataConfig:
             raise ValueError(f"data.degrade_on must be 'data' or 'worker', got {self.degrade_on!r}")
         if self.degrade_on == "worker" and self.degradation != "realesrgan":
             raise ValueError("data.degrade_on=worker is for the realesrgan degradation (the others cost nothing)")
-        self.realesrgan.check("data.realesrgan")
         gt = self.realesrgan.gt_size
         if self.degradation == "realesrgan" and gt is not None and gt != self.crop:
             raise ValueError(f"data.realesrgan.gt_size ({gt}) must be the training crop (method.crop = {self.crop})")

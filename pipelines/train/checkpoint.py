@@ -147,11 +147,10 @@ def load_teacher(
     """The EMA weights and network config of a teacher checkpoint (local folder or object-storage URI), or of a
     registered teacher (``models:/NAME@ALIAS``, ``models:/NAME/N``, ``runs:/...``: trained or imported)."""
     if uri.startswith(("models:/", "runs:/")):
-        from pipelines.registry import load_model
+        from pipelines.registry import load_model, require_kind
 
         net, meta = load_model(uri, tracking_uri=tracking_uri)
-        if meta.get("kind") != "teacher":
-            raise ValueError(f"{uri} is a {meta.get('kind')} model; a teacher is needed here")
+        require_kind(uri, meta, "teacher", "a teacher is needed here")
         return net.config, net.state_dict()
     ckpt = read_checkpoint(uri, storage_options)
     return ckpt["unet"], ckpt["ema"]
