@@ -269,8 +269,9 @@ def covariance(sigma_x: float, sigma_y: float, theta: float) -> torch.Tensor:
     """``R diag(sigma_x^2, sigma_y^2) R^T``: the kernel's spread ``sigma_x`` along the direction at angle ``theta``
     from the x axis (columns), ``sigma_y`` across it."""
     c, s = math.cos(theta), math.sin(theta)
-    rot = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
-    return rot @ torch.diag(torch.tensor([sigma_x**2, sigma_y**2], dtype=torch.float64)) @ rot.T
+    a, b = sigma_x**2, sigma_y**2  # in Python floats: no BLAS call (see filter2d on reproducibility)
+    cov = [[a * c * c + b * s * s, (a - b) * c * s], [(a - b) * c * s, a * s * s + b * c * c]]
+    return torch.tensor(cov, dtype=torch.float64)
 
 
 def mixed_kernel(kind: str, size: int, sigma_x: float, sigma_y: float, theta: float, beta: float = 1.0) -> torch.Tensor:
@@ -280,9 +281,10 @@ def mixed_kernel(kind: str, size: int, sigma_x: float, sigma_y: float, theta: fl
         raise ValueError(f"unknown kernel type {kind!r}; expected one of {KERNEL_TYPES}")
     if size % 2 == 0 or size < 1:
         raise ValueError(f"kernel size must be odd and positive, got {size}")
-    inv = torch.linalg.inv(covariance(sigma_x, sigma_y, theta))
+    (p, q), (_, r) = covariance(sigma_x, sigma_y, theta).tolist()
+    det = p * r - q * q  # the inverse of the symmetric 2x2 covariance, in Python floats
     xx, yy = _grid(size)
-    d = inv[0, 0] * xx * xx + (inv[0, 1] + inv[1, 0]) * xx * yy + inv[1, 1] * yy * yy
+    d = (r / det) * xx * xx - (2 * q / det) * xx * yy + (p / det) * yy * yy
     if kind in ("iso", "aniso"):
         k = torch.exp(-0.5 * d)
     elif kind.startswith("generalized"):
@@ -323,24 +325,34 @@ def filter2d(
     """Blur each image of ``x`` ``(B, C, H, W)`` with its own odd kernel (one for all, or a list of B), with reflect
     padding, as a correlation (``conv2d``). The kernels are zero-padded to ``size`` (default: the largest given).
     Kernels of 9 and more go through the FFT (a 21x21 kernel costs ~ 5x less than a direct depthwise convolution
-    on a CPU)."""
+    on a CPU).
+
+    Reproducibility: on a CPU the FFT is numpy's (pocketfft), in float64, never torch's: torch's CPU FFT and
+    convolutions call Intel MKL / oneDNN, whose code path (and so the last bits) can depend on the memory alignment
+    of the process's earlier allocations, and the chain's Poisson sampler (rates in the tens of thousands) turns one
+    last bit into different pixels. On a GPU it is cuFFT (or the convolution), in float64."""
     b, c, h, w = x.shape
     ks = [kernels] * b if isinstance(kernels, torch.Tensor) else list(kernels)
     if len(ks) != b:
         raise ValueError(f"filter2d: {len(ks)} kernels for {b} images")
     size = size or max(k.shape[-1] for k in ks)
-    weight = torch.stack([F.pad(k, [(size - k.shape[-1]) // 2] * 4) for k in ks]).to(x)  # (B, K, K)
+    weight = torch.stack([F.pad(k, [(size - k.shape[-1]) // 2] * 4) for k in ks]).to(x.device, torch.float64)
     pad = size // 2
     mode = "reflect" if pad < min(h, w) else "replicate"
-    xp = F.pad(x, (pad, pad, pad, pad), mode=mode)
+    xp = F.pad(x, (pad, pad, pad, pad), mode=mode).double()
+    hp, wp = xp.shape[-2:]
+    if x.device.type == "cpu":
+        kern = weight.flip(-1, -2).numpy()
+        spec = np.fft.rfft2(xp.numpy()) * np.fft.rfft2(kern, s=(hp, wp))[:, None]
+        full = torch.from_numpy(np.fft.irfft2(spec, s=(hp, wp)))  # circular; rows and columns from size - 1 are exact
+        return full[..., size - 1 : size - 1 + h, size - 1 : size - 1 + w].to(x.dtype)
     if size < 9:
         out = F.conv2d(
             xp.reshape(1, b * c, h + 2 * pad, w + 2 * pad), weight.repeat_interleave(c, 0).unsqueeze(1), groups=b * c
         )
-        return out.reshape(b, c, h, w)
-    hp, wp = xp.shape[-2:]
-    spec = torch.fft.rfft2(xp.float()) * torch.fft.rfft2(weight.float().flip(-1, -2), s=(hp, wp)).unsqueeze(1)
-    full = torch.fft.irfft2(spec, s=(hp, wp))  # circular convolution; rows and columns from size - 1 on are exact
+        return out.reshape(b, c, h, w).to(x.dtype)
+    spec = torch.fft.rfft2(xp) * torch.fft.rfft2(weight.flip(-1, -2), s=(hp, wp)).unsqueeze(1)
+    full = torch.fft.irfft2(spec, s=(hp, wp))
     return full[..., size - 1 : size - 1 + h, size - 1 : size - 1 + w].to(x.dtype)
 
 
@@ -403,7 +415,7 @@ def _dct_matrix() -> torch.Tensor:
     n = torch.arange(8, dtype=torch.float64)
     m = torch.cos((2 * n[None, :] + 1) * n[:, None] * math.pi / 16) * math.sqrt(2 / 8)
     m[0] /= math.sqrt(2)
-    return m.float()
+    return m
 
 
 _DCT = _dct_matrix()
@@ -418,14 +430,22 @@ def quant_table(quality: float, chroma: bool = False) -> torch.Tensor:
 
 
 def _blocks_roundtrip(ch: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """DCT, quantise with ``table`` ``(B, 8, 8)``, dequantise and invert, over the 8x8 blocks of ``(B, H, W)``."""
+    """DCT, quantise with ``table`` ``(B, 8, 8)``, dequantise and invert, over the 8x8 blocks of ``(B, H, W)``. The
+    8x8 products are broadcast sums in float64, not BLAS calls (whose rounding can depend on memory alignment: see
+    :func:`filter2d`), rounded to float32 before the quantiser, so that a coefficient that is exactly half a step
+    (flat blocks of 8-bit values) rounds the same way every time."""
     b, h, w = ch.shape
-    blocks = ch.reshape(b, h // 8, 8, w // 8, 8).permute(0, 1, 3, 2, 4)
-    d = _DCT.to(ch)
-    coef = d @ blocks @ d.T
-    t = table.to(ch)[:, None, None]
+    blocks = ch.double().reshape(b, h // 8, 8, w // 8, 8).permute(0, 1, 3, 2, 4)
+    d = _DCT.to(ch.device)
+    coef = _mm8(_mm8(d, blocks), d.T).float()
+    t = table.to(ch.device, torch.float32)[:, None, None]
     coef = torch.round(coef / t) * t
-    return (d.T @ coef @ d).permute(0, 1, 3, 2, 4).reshape(b, h, w)
+    return _mm8(_mm8(d.T, coef.double()), d).permute(0, 1, 3, 2, 4).reshape(b, h, w).float()
+
+
+def _mm8(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` over the last two dimensions as a broadcast product and sum (a fixed summation order)."""
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
 
 
 def jpeg(x: torch.Tensor, quality: Sequence[float] | float) -> torch.Tensor:
@@ -453,16 +473,18 @@ def jpeg(x: torch.Tensor, quality: Sequence[float] | float) -> torch.Tensor:
 def _gaussian_1d(size: int, sigma: float) -> torch.Tensor:
     r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     k = torch.exp(-0.5 * (r / sigma) ** 2)
-    return (k / k.sum()).float()
+    return k / k.sum()
 
 
 def _separable_blur(x: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    k = _gaussian_1d(size, sigma).to(x)
-    c = x.shape[1]
+    k = _gaussian_1d(size, sigma).to(x.device)  # float64 sums, as in filter2d
+    c, dtype = x.shape[1], x.dtype
     pad = size // 2
     mode = "reflect" if pad < min(x.shape[-2:]) else "replicate"
+    x = x.double()
     x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode=mode), k.view(1, 1, 1, -1).expand(c, 1, 1, size), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, pad, pad), mode=mode), k.view(1, 1, -1, 1).expand(c, 1, size, 1), groups=c)
+    x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode=mode), k.view(1, 1, -1, 1).expand(c, 1, size, 1), groups=c)
+    return x.to(dtype)
 
 
 def usm_sharpen(x: torch.Tensor, weight: float = 0.5, threshold: float = 10.0, radius: int = 50) -> torch.Tensor:

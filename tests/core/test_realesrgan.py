@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -213,6 +214,44 @@ def test_the_chain_is_reproducible_from_the_seed_in_any_batch_and_any_process(tm
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert torch.equal(torch.load(tmp_path / "lr.pt"), realesrgan(x, seeds).lr)
+
+
+def test_on_a_cpu_the_chain_calls_no_mkl_routine_and_its_pixels_do_not_depend_on_memory_alignment(tmp_path):
+    """Intel MKL (torch's CPU FFT and matrix products) may pick its code path by the alignment of its buffers, and
+    the Poisson sampler turns that last bit into different pixels: the chain must not call it. MKL_VERBOSE lists
+    every MKL call of the process (nothing to list where torch is built without MKL). In-process, the same crops
+    stored at shifted offsets (of what the process allocated before) give the same LR."""
+    code = (
+        "import torch; from oftsr.realesrgan import realesrgan, RealESRGANSettings\n"
+        "x = torch.rand(2, 3, 64, 64) * 2 - 1\n"
+        "torch.mm(torch.rand(64, 64, dtype=torch.float64), torch.rand(64, 64, dtype=torch.float64))\n"
+        "print('CHAIN', flush=True)\n"
+        "for seed in range(8):\n"
+        "    realesrgan(x[seed % 2 : seed % 2 + 1], [seed], 4, RealESRGANSettings(second_order_prob=0.5))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "MKL_VERBOSE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    before, _, during = run.stdout.partition("CHAIN")
+    if "MKL_VERBOSE" in before:  # this torch calls MKL (the float64 product above): the chain must not
+        calls = [line for line in during.splitlines() if line.startswith("MKL_VERBOSE")]
+        assert not calls, calls[:5]
+    photo = (_photo(64) * 255).round() / 255 * 2 - 1  # 8-bit levels: many equal values
+    seeds = [4, 6, 10, 12]  # Poisson (shot) noise in both stages: rates in the thousands, a last bit matters
+    ref = realesrgan(photo.expand(4, -1, -1, -1).contiguous(), seeds, 4, RealESRGANSettings(second_order_prob=1.0))
+    for offset in (1, 3, 7, 16):
+        buf = torch.empty(offset + photo.numel())
+        shifted = buf[offset:].view_as(photo).copy_(photo)
+        keep = [torch.empty(offset * 17 + 5) for _ in range(offset)]  # other allocations in between
+        for i, seed in enumerate(seeds):
+            out = realesrgan(shifted, [seed], 4, RealESRGANSettings(second_order_prob=1.0))
+            assert torch.equal(out.lr[0], ref.lr[i]), (offset, seed)
+        del keep
 
 
 def test_the_chain_gives_8_bit_lr_of_the_right_size_and_degrades_the_photo():

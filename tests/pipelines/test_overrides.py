@@ -35,7 +35,7 @@ def test_set_needs_key_value_and_flatten_gives_mlflow_params():
         parse_sets(["lr"])
     flat = flatten(recipe("quickstart", "distill"))
     assert flat["optim.lr"] == 1e-3 and flat["loss.dt"] == 0.05 and flat["method.crop"] == 64
-    assert flat["method.t_max"] == 0.8 and flat["targets"] == "cached"
+    assert flat["method.t_max"] == 0.6 and flat["targets"] == "cached"
     assert all("." in k or not isinstance(v, dict) for k, v in flat.items())
 
 

@@ -92,7 +92,7 @@ def test_a_cache_made_with_other_method_parameters_is_refused_naming_the_field()
         "degradation": {"kind": "bicubic", "sf": 4, "sigma_y": 0.0},
         "sigma_p": 0.2,
         "crop": 64,
-        "solver": {"t_min": 0.01, "t_max": 0.8},
+        "solver": {"t_min": 0.01, "t_max": 0.6},
     }
     check_cache_matches(cfg, {"key": key})  # the quickstart's own cache
     with pytest.raises(ValueError, match=r"sigma_p: 0\.2 here, 0\.3 there"):

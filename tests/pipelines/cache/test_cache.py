@@ -280,7 +280,7 @@ def test_cached_distillation_lowers_its_loss_and_moves_toward_the_teacher_endpoi
             "optim.lr": "1e-3",  # 2e-3 overshoots: the endpoint distance then falls by only 5-15 % and varies
             "optim.warmup_images": "32",
             "sample_grid": "0",
-            "method.t_max": "0.99",  # the cache's range (the quickstart's own trains the knob up to 0.8)
+            "method.t_max": "0.99",  # the cache's range (the quickstart's own trains the knob up to 0.6)
             "loss.w_bound": "0.1",
         },
     )
