@@ -251,6 +251,8 @@ def _register(cfg: PipelineConfig, nets, report, tracking: TrackingConfig, key: 
             "knob_max": 1.0,
             "nfe": teacher_row["nfe"] if kind == "teacher" else 1,
         }
+        if cfg.data.seeded:  # what the model was trained on: the chain's settings, as `--set data.realesrgan.*` names
+            meta["realesrgan"] = json.dumps(cfg.data.realesrgan.to_dict(), sort_keys=True)
         registered[kind] = log_and_register(
             tracking_uri=tracking.tracking_uri,
             run_id=runs[kind] or tracking.parent_run_id,

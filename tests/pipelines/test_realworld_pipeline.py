@@ -45,6 +45,7 @@ def realworld_run(tmp_path_factory, ray_cluster):
 
 def test_every_stage_ran_on_the_chain_and_recorded_its_settings(realworld_run):
     from pipelines.cache.store import read_manifest
+    from pipelines.recipes import pipeline
     from pipelines.tracking import client
 
     root, _ = realworld_run
@@ -61,6 +62,9 @@ def test_every_stage_ran_on_the_chain_and_recorded_its_settings(realworld_run):
     for name in ("oftsr-realworld-teacher", "oftsr-realworld-student"):
         version = c.get_model_version_by_alias(name, "champion")
         assert version.tags["oftsr.degradation"] == "realesrgan"
+        chain = json.loads(version.tags["oftsr.realesrgan"])  # the settings it was trained on, as the recipe set them
+        assert chain == json.loads(json.dumps(pipeline("realworld_quickstart").data.realesrgan.to_dict()))
+        assert chain["second_order_prob"] == 0.5 and chain["crop_pad_size"] == 76
 
 
 def test_the_evaluation_degrades_held_out_crops_with_the_chain(realworld_run):
