@@ -324,8 +324,8 @@ def filter2d(
 ) -> torch.Tensor:
     """Blur each image of ``x`` ``(B, C, H, W)`` with its own odd kernel (one for all, or a list of B), with reflect
     padding, as a correlation (``conv2d``). The kernels are zero-padded to ``size`` (default: the largest given).
-    Kernels of 9 and more go through the FFT (a 21x21 kernel costs ~ 5x less than a direct depthwise convolution
-    on a CPU).
+    On a CPU every size goes through the FFT (a 21x21 kernel costs ~ 5x less than a direct depthwise convolution
+    there); on a GPU kernels under 9 taps are a direct convolution.
 
     Reproducibility: on a CPU the FFT is scipy's (pocketfft, float32), never torch's: torch's CPU FFT and
     convolutions call Intel MKL / oneDNN, whose code path (and so the last bits) can depend on the memory alignment
@@ -336,18 +336,19 @@ def filter2d(
     if len(ks) != b:
         raise ValueError(f"filter2d: {len(ks)} kernels for {b} images")
     size = size or max(k.shape[-1] for k in ks)
-    weight = torch.stack([F.pad(k, [(size - k.shape[-1]) // 2] * 4) for k in ks]).to(x.device, torch.float64)
+    cpu = x.device.type == "cpu"
+    dtype = torch.float32 if cpu else torch.float64
+    weight = torch.stack([F.pad(k, [(size - k.shape[-1]) // 2] * 4) for k in ks]).to(x.device, dtype)  # (B, K, K)
     pad = size // 2
     mode = "reflect" if pad < min(h, w) else "replicate"
-    xp = F.pad(x, (pad, pad, pad, pad), mode=mode).double()
+    xp = F.pad(x.to(dtype), (pad, pad, pad, pad), mode=mode)
     hp, wp = xp.shape[-2:]
-    if x.device.type == "cpu":
+    if cpu:
         # Circular convolution on a fast FFT size >= the padded image: rows and columns from size - 1 on are exact.
         from scipy import fft  # pocketfft, vectorised over rows: ~2.4x numpy's on one core
 
         fh, fw = _fast_len(hp), _fast_len(wp)
-        kern = weight.flip(-1, -2).float().numpy()
-        spec = fft.rfft2(xp.float().numpy(), s=(fh, fw)) * fft.rfft2(kern, s=(fh, fw))[:, None]
+        spec = fft.rfft2(xp.numpy(), s=(fh, fw)) * fft.rfft2(weight.flip(-1, -2).numpy(), s=(fh, fw))[:, None]
         full = torch.from_numpy(fft.irfft2(spec, s=(fh, fw)))
         return full[..., size - 1 : size - 1 + h, size - 1 : size - 1 + w].to(x.dtype)
     if size < 9:
@@ -504,7 +505,9 @@ def _gaussian_1d(size: int, sigma: float) -> torch.Tensor:
 
 
 def _separable_blur(x: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    k = _gaussian_1d(size, sigma).to(x.device)  # float64 sums, as in filter2d
+    k = _gaussian_1d(size, sigma).to(x.device)
+    if x.device.type == "cpu":  # the FFT of filter2d: no MKL (a float64 convolution here is an MKL product)
+        return filter2d(x, torch.outer(k, k).float())
     c, dtype = x.shape[1], x.dtype
     pad = size // 2
     mode = "reflect" if pad < min(x.shape[-2:]) else "replicate"
