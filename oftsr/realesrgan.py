@@ -347,7 +347,7 @@ def filter2d(
         # Circular convolution on a fast FFT size >= the padded image: rows and columns from size - 1 on are exact.
         from scipy import fft  # pocketfft, vectorised over rows: ~2.4x numpy's on one core
 
-        fh, fw = _fast_len(hp), _fast_len(wp)
+        fh, fw = fft.next_fast_len(hp, real=True), fft.next_fast_len(wp, real=True)  # 2^a 3^b 5^c sizes
         spec = fft.rfft2(xp.numpy(), s=(fh, fw)) * fft.rfft2(weight.flip(-1, -2).numpy(), s=(fh, fw))[:, None]
         full = torch.from_numpy(fft.irfft2(spec, s=(fh, fw)))
         return full[..., size - 1 : size - 1 + h, size - 1 : size - 1 + w].to(x.dtype)
@@ -359,22 +359,6 @@ def filter2d(
     spec = torch.fft.rfft2(xp) * torch.fft.rfft2(weight.flip(-1, -2), s=(hp, wp)).unsqueeze(1)
     full = torch.fft.irfft2(spec, s=(hp, wp))
     return full[..., size - 1 : size - 1 + h, size - 1 : size - 1 + w].to(x.dtype)
-
-
-def _fast_len(n: int) -> int:
-    """The smallest 2^a 3^b 5^c >= ``n`` (an FFT size without large prime factors)."""
-    best = 1 << max(0, (n - 1).bit_length())
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            m = p35
-            while m < n:
-                m *= 2
-            best = min(best, m)
-            p35 *= 3
-        p5 *= 5
-    return best
 
 
 def resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
