@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make quickstart` and `make test`.
+# Two commands on a fresh machine: `make quickstart` and `make test` (`make test-all` adds the slow tier: what CI runs).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 #   make install PINS="torch==2.11.0 torchvision==0.26.0 lpips==0.1.4 --index-url https://download.pytorch.org/whl/cu128"
 PINS ?= $(shell sed -e 's/\#.*//' pins.txt)
 
-.PHONY: quickstart test test-fast lint install clean print-pins browser
+.PHONY: quickstart test test-all test-fast lint install clean print-pins browser
 
 $(VENV)/.installed: pyproject.toml Makefile pins.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,12 @@ browser:
 	        --no-install-recommends chromium >/dev/null) || echo "could not install chromium: the page test will skip"; \
 	    else echo "no chromium and no root apt-get: the page test will skip"; fi; }
 
+# The fast tier: everything but the `slow` tests (20 minutes on a 2-core machine; docs/testing.md).
 test: install lint browser
+	$(PY) -m pytest -q -m "not slow"
+
+# Both tiers: the full-budget quickstart's knob verdict, the cluster in a box, the fault drills. CI runs this.
+test-all: install lint browser
 	$(PY) -m pytest -q
 
 test-fast: install

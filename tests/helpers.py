@@ -182,3 +182,39 @@ def register_student(folder, net: nn.Module, **method) -> str:
     meta = {"kind": "student", **Method(**method).to_dict()}
     log_and_register(tracking_uri=uri, run_id=run_id, name="oftsr-student", net=net, meta=meta)
     return uri
+
+
+def expected_one_step(net: nn.Module, lr_uint8, t: float, seed: int, meta: dict):
+    """The one-step student's output for an HR-sized-multiple image, written out from the method's definition (not
+    through ``oftsr.infer.upscale``, which every user-facing path calls): ``lr_uint8`` (h, w, 3) in RGB order, the
+    knob ``t`` laid over the model's recorded range, the start ``sqrt(1 - sigma_p^2) x_lr + sigma_p eps`` with
+    ``eps`` from ``seed``; returns uint8 (h sf, w sf, 3). The HR size must be a multiple of the network's
+    down-sampling factor (no padding here)."""
+    import math
+
+    import numpy as np
+
+    from oftsr.degrade import upsample
+    from oftsr.flow import noise_from_seed
+
+    sf, sigma_p = int(meta["sf"]), float(meta["sigma_p"])
+    lr = torch.from_numpy(np.ascontiguousarray(lr_uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    x_lr = upsample(lr, sf, meta["degradation"])
+    assert x_lr.shape[-1] % net.downsample_factor == 0 and x_lr.shape[-2] % net.downsample_factor == 0
+    eps = noise_from_seed(x_lr.shape[1:], seed)[None]
+    x0 = math.sqrt(1 - sigma_p**2) * x_lr + sigma_p * eps
+    time = float(meta["t_min"]) + t * (float(meta["t_max"]) - float(meta["t_min"]))
+    with torch.no_grad():
+        v = net.eval()(torch.cat([x0, x_lr], 1), torch.full((1,), 999.0 * time))[:, :3]
+    out = ((x0 + v).clamp(-1, 1) + 1) * 127.5
+    return out.round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+
+
+def assert_same_pixels(got, want, what: str) -> None:
+    """uint8 images equal within one grey level (the rounding of float sums in another order), on average within
+    0.05: a wrong range, channel order, knob mapping or seed moves pixels by tens of levels."""
+    import numpy as np
+
+    diff = np.abs(np.asarray(got, np.int16) - np.asarray(want, np.int16))
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    assert diff.max() <= 1 and diff.mean() <= 0.05, (what, int(diff.max()), float(diff.mean()))

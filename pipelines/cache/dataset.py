@@ -3,6 +3,7 @@ trajectory cache turned into training tensors (``x_lr`` and ``x0`` regenerated f
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -81,13 +82,14 @@ def cached_dataset(
     arrow_fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
     order = random.Random(seed)
     if repeats > 1 and manifest["bytes"] <= max_cached_bytes:
-        # Small: read once into the object store, in blocks of a row or a few (so that a listing's block order is
-        # nearly a row order), and list those blocks `repeats` times, each listing in its own order, as one dataset
-        # of block references: no re-reads, and one operator (a union of 57 listings of a 36-row cache took 47 s to
-        # its first batch and gave 28 rows/s on 2 cores; this, 12 s and 97 rows/s: benchmarks/cache_read.py). Each
-        # listing still gets its own grid points in `_apply`.
-        once = _read_shards(paths, arrow_fs).repartition(min(manifest["rows"], 256)).materialize()
-        blocks = once.to_arrow_refs()
+        # Small: read once by the driver (pyarrow: Ray Data's read and repartition cost 10 s of task start-up on 2
+        # cores), put in the object store in blocks of a few rows, and listed `repeats` times, each listing in its
+        # own block order, as one dataset of block references: no re-reads, one operator (a union of 57 listings of
+        # a 36-row cache took 47 s to its first batch on 2 cores: benchmarks/cache_read.py). Ray Data runs a task
+        # for the metadata of each reference (2,000, a block a row, took 7 s), so all listings hold at most
+        # _MAX_BLOCK_REFS; the training workers' shuffle buffer mixes rows across blocks. Each listing still gets
+        # its own grid points in `_apply`.
+        blocks = _small_cache_blocks(paths, arrow_fs, max(1, min(manifest["rows"], _MAX_BLOCK_REFS // repeats)))
         ds = ray.data.from_arrow_refs([b for _ in range(repeats) for b in order.sample(blocks, len(blocks))])
     else:
         # One read per listing: Ray Data reads a file that one read_parquet names twice only once.
@@ -102,6 +104,8 @@ def cached_dataset(
         compute=ray.data.TaskPoolStrategy(size=concurrency),
     ), manifest
 
+
+_MAX_BLOCK_REFS = 256
 
 #: Ray Data's Parquet reader (2.60) lists files through a pool of footer-reading actors, 32 of them whatever the
 #: number of files; each is a process to start: 7.2-8.4 s per read of a five-shard cache on 2 cores, 1.6-2.1 s with
@@ -122,6 +126,16 @@ def _read_shards(paths: list[str], filesystem):
         return ray.data.read_parquet(paths, filesystem=filesystem)
     finally:
         del os.environ[_FOOTER_ACTORS]
+
+
+def _small_cache_blocks(paths: list[str], filesystem, n_blocks: int) -> list:
+    """The shards read on the driver, in ``n_blocks`` nearly equal runs of rows, each put in the object store."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(p, filesystem=filesystem) for p in paths]).combine_chunks()
+    bounds = [round(i * table.num_rows / n_blocks) for i in range(n_blocks + 1)]
+    return [ray.put(table.slice(a, b - a)) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def _apply(batch: dict[str, np.ndarray], targets: CachedTargets) -> dict[str, np.ndarray]:

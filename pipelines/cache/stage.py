@@ -160,9 +160,10 @@ class ShardWriter:
         return rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"shard": [], "uri": [], "rows": [], "bytes": [], "skipped": [], "seconds": []}
+        out: dict[str, list] = {"shard": [], "uri": [], "rows": [], "bytes": [], "skipped": [], "seconds": [], "at": []}
         for shard, keys_json in zip(batch["shard"], batch["keys"], strict=True):
             start = time.perf_counter()
+            out["at"].append(time.time())  # when its computation began: the stage's start-up ends at the first
             samples, skipped = self._crops(json.loads(str(keys_json)))
             rows = self._rows(samples)
             uri, size = write_shard(self.prefix, int(shard), rows, self.cfg.data.storage_options)
@@ -199,6 +200,7 @@ def run_trajectories(cfg: TrajectoryConfig, *, max_shards: int = 0, log=print) -
     from pipelines.overrides import flatten
     from pipelines.stage import prepare, tracked_run
 
+    called = time.time()  # start-up (trajectories/startup_s): from here to the first shard's computation
     if not cfg.teacher:
         raise ValueError("trajectories.teacher: the trajectory stage needs a teacher (a checkpoint folder or models:/)")
     prepare(cfg.tracking, cfg.out, storage_shared=cfg.storage_shared, what="out")
@@ -221,10 +223,10 @@ def run_trajectories(cfg: TrajectoryConfig, *, max_shards: int = 0, log=print) -
         "trajectories", cfg.tracking, key=(prefix,), run_name=cfg.run_name, params=params, tags=tags
     ) as run:
         logger = MetricLogger(run.tracking_uri, run.run_id)
-        return _compute(cfg, run, logger, prefix, key, shards, teacher_uri, max_shards, log)
+        return _compute(cfg, run, logger, prefix, key, shards, teacher_uri, max_shards, log, called)
 
 
-def _compute(cfg, run, logger, prefix, key, shards, teacher_uri, max_shards, log) -> dict[str, Any]:
+def _compute(cfg, run, logger, prefix, key, shards, teacher_uri, max_shards, log, called) -> dict[str, Any]:
     """The shards still missing, then the manifest (last: the cache is complete once it exists)."""
     run_id = run.run_id
     done = existing_shards(prefix, cfg.data.storage_options)
@@ -264,6 +266,9 @@ def _compute(cfg, run, logger, prefix, key, shards, teacher_uri, max_shards, log
     }
     if new_rows:
         metrics["trajectories/rows_per_s"] = new_rows / seconds
+    startup = min(float(r["at"]) for r in results) - called if results else None
+    if startup is not None:
+        metrics["trajectories/startup_s"] = startup
     logger.log(metrics, step=len(done) + len(results))
     all_done = existing_shards(prefix, cfg.data.storage_options)
     if len(all_done) < len(shards):
@@ -300,6 +305,7 @@ def _compute(cfg, run, logger, prefix, key, shards, teacher_uri, max_shards, log
         step=len(shards),
     )
     rate = f", {new_rows} new in {seconds:.0f} s ({new_rows / seconds:.2f} rows/s)" if new_rows else ""
+    rate += f", first shard {startup:.0f} s after the start" if startup is not None else ""
     log(f"trajectories: complete, {manifest['rows']} rows{rate}, {manifest['bytes'] / 1e6:.1f} MB -> {prefix}")
     return {
         "uri": prefix,
@@ -308,6 +314,7 @@ def _compute(cfg, run, logger, prefix, key, shards, teacher_uri, max_shards, log
         "run_id": run_id,
         "skipped": skipped,
         "reused": False,
+        "startup_s": startup,
     }
 
 

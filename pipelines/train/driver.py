@@ -84,6 +84,7 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
     from pipelines.data.dataset import source_rows
     from pipelines.data.manifest import manifest_hash
 
+    called = time.time()  # the stage's start-up (stage/startup_s) runs from here to the first optimisation step
     configured = cfg.storage_path  # the resume key: as configured, not as resolved in this working directory
     cfg = resolve_paths(cfg)
     if not cfg.teacher and cfg.stage == "distill":
@@ -112,7 +113,7 @@ def run_stage(cfg: StageConfig, *, log=print) -> dict[str, Any]:
         tags={"oftsr.data_manifest_hash": data_hash, "oftsr.preset": cfg.method.preset},
         log=log,
     ) as run:
-        return _train(cfg, run, rows, cache_manifest, log)
+        return _train(cfg, run, rows, cache_manifest, log, called)
 
 
 def pin_registered_teacher(cfg: StageConfig) -> str:
@@ -141,7 +142,7 @@ def check_cache_matches(cfg: StageConfig, manifest: dict[str, Any]) -> None:
     check_agrees(cfg.method, record, f"the trajectory cache {cfg.cache}")
 
 
-def _train(cfg: StageConfig, run: StageRun, rows, cache_manifest, log) -> dict[str, Any]:
+def _train(cfg: StageConfig, run: StageRun, rows, cache_manifest, log, called: float) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -211,6 +212,9 @@ def _train(cfg: StageConfig, run: StageRun, rows, cache_manifest, log) -> dict[s
     seconds = time.perf_counter() - started
     trained = int(out.get("images_seen") or 0) - int(out.get("images_at_start") or 0)
     rates = {"stage/seconds": seconds, "stage/images_per_s": trained / max(seconds, 1e-9)}
+    startup = float(out["first_step_at"]) - called if out.get("first_step_at") else None
+    if startup is not None:  # from the stage's call to its first optimisation step (workers, data, networks)
+        rates["stage/startup_s"] = startup
     with contextlib.suppress(Exception):  # a tracking outage costs the record, never the result
         MetricLogger(cfg.tracking.tracking_uri, run_id).log(rates, step=int(out.get("images_seen") or 0))
     step_rate = out.get("train/step_images_per_s")
@@ -218,6 +222,7 @@ def _train(cfg: StageConfig, run: StageRun, rows, cache_manifest, log) -> dict[s
         f"{cfg.stage}: done at {out.get('images_seen')} images in {seconds:.0f} s: "
         f"{rates['stage/images_per_s']:.1f} images/s wall-clock"
         + (f" (optimisation steps alone {step_rate:.1f} images/s)" if step_rate else "")
+        + (f", first step {startup:.0f} s after the start" if startup is not None else "")
         + f"; checkpoint {checkpoint}"
     )
     return {
@@ -225,6 +230,7 @@ def _train(cfg: StageConfig, run: StageRun, rows, cache_manifest, log) -> dict[s
         "resumed": run.resumed,
         "checkpoint": checkpoint,
         "images_seen": out.get("images_seen"),
+        "startup_s": startup,
         "metrics": out,
         "data": summary,
     }

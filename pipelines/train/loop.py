@@ -12,8 +12,10 @@ import dataclasses
 import os
 import signal
 import tempfile
+import threading
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,18 +146,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     precision = _precision(cfg, device)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
+    ckpt, resumed_from, passed_over = resume_checkpoint(ray.train.get_checkpoint())
+    state: dict[str, Any] | None = ckpt["state"] if ckpt is not None else None
+    images_seen = int(state["images_seen"]) if state is not None else 0
+    # The first pass's data pipeline starts now, in a thread, while the networks, DDP and the logger are set up:
+    # Ray Data's first batch (its tasks' processes starting) no longer waits for them (benchmarks/stage_startup.py).
+    shard = ray.train.get_dataset_shard("train")
+
+    def one_pass() -> Iterator[dict[str, Any]]:
+        mix = cfg.seed * 1_000_003 + rank * 7919 + images_seen  # a fresh mix every pass and every attempt
+        return iter_crops(
+            shard, cfg.batch_per_worker, device=device, shuffle_buffer=cfg.shuffle_buffer, shuffle_seed=mix
+        )
+
+    first_pass: Iterable[dict[str, Any]] | None = FirstBatchEarly(one_pass)
     net, teacher = _networks(cfg)
     if teacher is not None:
         teacher.to(device)
     ema = EMA(net, cfg.ema_half_life_images)
-    images_seen = 0
-    state: dict[str, Any] | None = None
-    ckpt, resumed_from, passed_over = resume_checkpoint(ray.train.get_checkpoint())
     if ckpt is not None:
-        state = ckpt["state"]
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict({"module": ckpt["ema"], "num_updates": state["ema_updates"]})
-        images_seen = int(state["images_seen"])
         torch.set_rng_state(state["torch_rng"])  # what the checkpoint saved, the resume restores
     ema.module.to(device)
     cuda = device.type == "cuda"
@@ -180,7 +191,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         logger.set_tags({**tags, **({"oftsr.corrupt_checkpoints": " | ".join(passed_over)} if passed_over else {})})
     _record_worker_nodes(cfg, run_id, logger, world)
     objective = make_objective(cfg, teacher)
-    shard = ray.train.get_dataset_shard("train")
     next_log = (images_seen // cfg.log_every_images + 1) * cfg.log_every_images
     next_ckpt = (images_seen // cfg.checkpoint_every_images + 1) * cfg.checkpoint_every_images
     sums: dict[str, torch.Tensor] = {}
@@ -190,20 +200,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # checkpoints included); ``step_images_per_s`` counts the optimisation steps alone.
     attempt_start, attempt_images = time.perf_counter(), images_seen
     step_timer = StepTimer(device)
+    first_step_at = 0.0
 
     while images_seen < cfg.total_images:
         batches = 0
-        # a fresh mix every pass and every attempt (a resume does not replay the batches it already trained on)
-        mix = cfg.seed * 1_000_003 + rank * 7919 + images_seen
-        for batch in iter_crops(
-            shard, cfg.batch_per_worker, device=device, shuffle_buffer=cfg.shuffle_buffer, shuffle_seed=mix
-        ):
+        # a resume does not replay the batches it already trained on: the mix depends on the images seen
+        pass_batches, first_pass = first_pass or one_pass(), None
+        for batch in pass_batches:
             batches += 1
             take = min(cfg.batch_per_worker, (cfg.total_images - images_seen) // world)
             batch = {k: v[:take] for k, v in batch.items()}
             if "seed" in batch and "x_lr" not in batch:  # data.degrade_on=worker: the chain runs here, batched
                 batch = degrade_on_worker(cfg.data, batch)
             _maybe_fault(cfg, rank, images_seen)
+            first_step_at = first_step_at or time.time()  # the stage's start-up ends here (driver: stage/startup_s)
             lr = lr_at(images_seen, cfg.optim)
             step_timer.start()
             stats = train_step(
@@ -256,12 +266,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError("the training dataset yielded no batch: fewer usable crops than batch_per_worker?")
     if logger:
         logger.close()
-    out = {"images_seen": images_seen, "images_at_start": attempt_images, **last}
+    out = {"images_seen": images_seen, "images_at_start": attempt_images, "first_step_at": first_step_at, **last}
     if resumed_from:
         out.update(resumed_from=resumed_from, corrupt_checkpoints=passed_over)
     if logger and logger.spool_file:
         out["mlflow_spool"] = logger.spool_file
     return out
+
+
+class FirstBatchEarly:
+    """Iterates ``make()``, whose first item is fetched in a thread started at construction, so that the wait for
+    it overlaps whatever the caller does meanwhile. An error in that thread is raised where the item is taken."""
+
+    def __init__(self, make: Callable[[], Iterable[Any]]):
+        self._it: Iterator[Any] | None = None
+        self._first: list[Any] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fetch, args=(make,), name="oftsr-first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self, make: Callable[[], Iterable[Any]]) -> None:
+        try:
+            self._it = iter(make())
+            self._first = [next(self._it)]
+        except StopIteration:
+            pass
+        except BaseException as err:  # re-raised in the caller's thread
+            self._error = err
+
+    def __iter__(self) -> Iterator[Any]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        if self._it is not None:
+            yield from self._it
 
 
 class StepTimer:

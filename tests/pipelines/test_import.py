@@ -182,18 +182,24 @@ def test_the_paper_protocol_evaluates_the_listed_images_and_names_the_missing(im
     assert wrong.returncode == 2 and "sigma_p: 0.2 here, 0.1 there" in wrong.stderr, wrong.stderr[-1500:]
 
 
-def test_the_service_and_a_distill_stage_run_from_the_imported_models(imported, tmp_path):
-    """``oftsr serve``'s replica logic on the imported student, and ``oftsr distill ffhq_x4`` with the imported
-    teacher from the registry (online targets; Ray Train on a local cluster; four 256x256 crops)."""
-    from oftsr.samples import export_sample_photos
+def test_the_service_runs_from_the_imported_student(imported):
+    """``oftsr serve``'s replica logic on the imported student."""
     from pipelines.serve import UpscaleService
 
-    _, uri, _, results = imported
+    _, uri, _, _ = imported
     service = UpscaleService("models:/oftsr-student@official", uri)
     lr = np.random.default_rng(2).integers(0, 256, (16, 20, 3), dtype=np.uint8)
     (out,) = service.upscale_batch([(lr, 1.0, 7)])
     assert Image.open(io.BytesIO(out)).size == (80, 64)
 
+
+@pytest.mark.slow  # 2 min 19 s for four crops: the in-process test above proves the pinning and the weights
+def test_a_distill_stage_runs_from_the_imported_teacher(imported, tmp_path):
+    """``oftsr distill ffhq_x4`` with the imported teacher from the registry (online targets; Ray Train on a local
+    cluster; four 256x256 crops)."""
+    from oftsr.samples import export_sample_photos
+
+    _, uri, _, results = imported
     photos = tmp_path / "photos"
     for p in export_sample_photos(tmp_path / "all"):
         if min(Image.open(p).size) >= 256:

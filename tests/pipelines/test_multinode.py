@@ -18,7 +18,7 @@ import pytest
 
 from tests.netns_cluster import BUCKET, BoxUnavailable, NetnsCluster
 
-pytestmark = pytest.mark.timeout(2400)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # the box: three Ray nodes, about 10 min
 
 
 def quickstart_sets(box: NetnsCluster) -> list[str]:

@@ -259,6 +259,7 @@ def test_a_cache_without_manifest_is_refused(tmp_path, ray_cluster):
         cached_dataset(str(tmp_path))
 
 
+@pytest.mark.slow  # 1024 images, about 5 min: the pipeline test runs a cached distillation in the fast tier
 def test_cached_distillation_lowers_its_loss_and_moves_toward_the_teacher_endpoint(cache, workdir):
     from pipelines.overrides import apply_overrides
     from pipelines.recipes import recipe

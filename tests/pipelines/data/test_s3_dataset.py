@@ -109,35 +109,3 @@ def test_too_many_bad_objects_stop_the_stage_with_a_clear_error(bucket, ray_clus
     ds, _ = training_dataset(cfg)
     with pytest.raises(Exception, match="max_bad_fraction"):
         ds.take_all()
-
-
-def test_the_dataset_plugs_into_ray_train(bucket, ray_cluster):
-    import ray.train
-    import torch
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.data.dataset import training_dataset
-    from pipelines.data.loader import iter_crops
-
-    def loop(config):
-        shard = ray.train.get_dataset_shard("train")
-        rows, shapes, keys = 0, set(), set()
-        for batch in iter_crops(shard, 2, drop_last=False):
-            rows += batch["hr"].shape[0]
-            shapes.add(tuple(batch["x_lr"].shape[1:]))
-            assert batch["hr"].dtype == torch.float32
-            keys.update(batch["key"])
-        return {"rows": rows, "shapes": sorted(shapes), "keys": sorted(keys)}
-
-    cfg = DataConfig(source=f"{bucket}/photos", crop=64, batch_size=4, num_cpus=0.25, concurrency=1)
-    ds, _ = training_dataset(cfg)
-    trainer = TorchTrainer(
-        loop, datasets={"train": ds}, scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5})
-    )
-    result = trainer.fit()
-    assert result.error is None
-    assert result.return_value["shapes"] == [(3, 64, 64)]
-    # rank 0's shard: the two shards split the photos between them
-    assert 0 < result.return_value["rows"] < len(photos())
-    assert all(k.startswith(f"s3://{BUCKET}/photos/") for k in result.return_value["keys"])

@@ -109,10 +109,18 @@ def secret_run(s3_client, s3_endpoint):
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_the_run_itself_works(secret_run):
+def test_the_run_itself_works_with_its_checkpoints_on_s3(secret_run, s3_endpoint):
+    """The run's checkpoints go to ``s3://`` (the stage's storage), and a teacher loads back from there."""
+    from pipelines.train.checkpoint import load_teacher
+
     proc = secret_run["outputs"]["teacher"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["images_seen"] == 64
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["images_seen"] == 64
+    assert result["checkpoint"] == f"s3://{BUCKET}/runs/secrets/checkpoint_000000000064"
+    options = {"endpoint_url": s3_endpoint, "key": OPTION_KEY, "secret": OPTION_SECRET}
+    unet, weights = load_teacher(f"s3://{BUCKET}/runs/secrets", options)
+    assert unet.model_channels == 32 and "out.2.weight" in weights
 
 
 def test_printed_output_and_errors_hold_no_credential(secret_run):

@@ -9,7 +9,7 @@ from pipelines.tracking import client
 from pipelines.train.checkpoint import load_checkpoint
 from tests.helpers import photo_workdir, stage_config
 
-pytestmark = pytest.mark.timeout(480)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]  # a fault drill: SIGKILL mid-step, then a corrupt checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from oftsr.nets import build_unet
 from oftsr.samples import export_sample_photos
 from tests.helpers import save_net_checkpoint
 
-pytestmark = pytest.mark.timeout(750)  # 241 s measured on a slow 2-core machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(750)]  # 241 s measured on a slow 2-core machine
 CROPS = 2
 
 
