@@ -2,11 +2,12 @@
 
 The head and each worker node run in their own network namespace, with their own address on a bridge made for the
 box, and in their own mount namespace, with a private ``/tmp`` (a folder of the box bound there, so the logs outlive
-the node) and ``/dev/shm``. On the worker nodes the project's source folders are hidden by empty mounts (the Python
-environment stays visible): the code reaches them only through a job's ``working_dir``. An S3 server (moto) and an
-``mlflow server`` listen on the head's address; clients in this process reach everything through the bridge. Token
-authentication is on, as in the shipped KubeRay manifests. All processes, namespaces and links are removed by
-:meth:`NetnsCluster.stop`, also after a failure, and a box left by a killed test run is removed by the next one.
+the node; a checkout or Python environment under ``/tmp`` is bound into it at its own path) and ``/dev/shm``. On the
+worker nodes the project's source folders are hidden by empty mounts (the Python environment stays visible): the
+code reaches them only through a job's ``working_dir``. An S3 server (moto) and an ``mlflow server`` listen on the
+head's address; clients in this process reach everything through the bridge. Token authentication is on, as in the
+shipped KubeRay manifests. All processes, namespaces and links are removed by :meth:`NetnsCluster.stop`, also after
+a failure, and a box left by a killed test run is removed by the next one.
 
 Traffic goes only to the box's addresses (no route leaves the namespaces).
 """
@@ -51,6 +52,14 @@ def source_folders() -> list[Path]:
             if Path(path).name in ("oftsr", "pipelines") and Path(path).is_dir():
                 folders.add(Path(path))
     return sorted(folders)
+
+
+def kept_under_tmp() -> list[Path]:
+    """The checkout and the Python environment, where they live under ``/tmp`` (outermost folders only)."""
+    tmp = Path("/tmp").resolve()
+    paths = {ROOT.resolve(), Path(sys.executable).parent.parent.resolve(), *(f.resolve() for f in source_folders())}
+    under = sorted(p for p in paths if p != tmp and p.is_relative_to(tmp))
+    return [p for p in under if not any(p != q and p.is_relative_to(q) for q in under)]
 
 
 def remove_stale_boxes() -> None:
@@ -247,7 +256,15 @@ class NetnsCluster:
     def _start_node(self, node: Node, *, head: bool) -> None:
         tmp = self.folder / "nodes" / node.name / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        mounts = [f"mount --bind {tmp} /tmp", "mount -t tmpfs tmpfs /dev/shm"]
+        # The node's own /tmp hides the host's; a checkout or Python environment that lives under /tmp is bound
+        # into it at the same path first, so that every node still finds it (the source folders are then masked
+        # on the worker nodes as anywhere else).
+        keep = []
+        for path in kept_under_tmp():
+            inside = tmp / path.relative_to("/tmp")
+            inside.mkdir(parents=True, exist_ok=True)
+            keep.append(f"mount --bind {path} {inside}")
+        mounts = [*keep, f"mount --rbind {tmp} /tmp", "mount -t tmpfs tmpfs /dev/shm"]
         if not head:  # the project reaches worker nodes only as a job's working_dir
             mounts += [f"mount -t tmpfs -o size=1m tmpfs {folder}" for folder in source_folders()]
         if head:

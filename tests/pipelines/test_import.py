@@ -84,8 +84,14 @@ def test_an_imported_model_is_registered_with_its_source_and_loads_without_unpic
     mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model("models:/oftsr-student@official")
     lr = np.random.default_rng(0).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
-    hr = model.predict(lr, params={"t": 1.0})
+    hr = model.predict(lr, params={"t": 1.0, "seed": 4})
     assert hr.shape == (1, 128, 128, 3) and hr.dtype == np.uint8
+    # its pixels: the one-step output written out from the method, the start noise drawn from the seed
+    from pipelines.registry import load_model
+    from tests.helpers import assert_same_pixels, expected_one_step
+
+    net, meta = load_model("models:/oftsr-student@official", tracking_uri=uri)
+    assert_same_pixels(hr[0], expected_one_step(net, lr[0], 1.0, 4, meta), "the pyfunc model at t = 1")
 
 
 def test_upscale_with_the_imported_student(imported, tmp_path):

@@ -46,15 +46,21 @@ def request(url: str, data: bytes | None = None, method: str | None = None) -> t
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, ray_cluster):
+def store(tmp_path_factory):
+    """The tracking URI of a store holding a stand-in student that makes pictures (the README shows one): the
+    shipped tiny teacher's weights."""
+    net = UNet(preset_config("tiny", image_size=64))
+    load_weights(net, shipped_weights("quickstart_teacher"))
+    return register_student(tmp_path_factory.mktemp("serve"), net, crop=64, t_max=0.8)
+
+
+@pytest.fixture(scope="module")
+def service(store, ray_cluster):
     from ray import serve
 
     from pipelines.serve import build_app
 
-    # a stand-in student that makes pictures (the README shows one): the shipped tiny teacher's weights
-    net = UNet(preset_config("tiny", image_size=64))
-    load_weights(net, shipped_weights("quickstart_teacher"))
-    uri = register_student(tmp_path_factory.mktemp("serve"), net, crop=64, t_max=0.8)
+    uri = store
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app("models:/oftsr-student@champion", uri, cpus_per_replica=0.5, max_batch_size=8)
@@ -80,6 +86,23 @@ def test_concurrent_requests_are_batched_and_answered_with_4x_pngs(service):
     again = decoded(request(f"{service}/upscale?t=0.5", images[0])[1])
     assert np.abs(again - decoded(answers[0][1])).max() <= 1
     assert np.abs(decoded(request(f"{service}/upscale?t=1", images[0])[1]) - again).mean() > 0.5
+
+
+def test_the_service_answers_with_the_one_step_output_of_its_model(service, store):
+    """Pixels: the student's one-step output written out from the method, with the request's own seed (its bytes'
+    CRC-32), at the requested knob (a 16x16 input: its 64x64 output is one tile)."""
+    from pipelines.registry import load_model
+    from tests.helpers import assert_same_pixels, expected_one_step
+
+    net, meta = load_model("models:/oftsr-student@champion", tracking_uri=store)
+    lr = np.random.default_rng(9).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    lr[..., 2] //= 4  # little blue: a swapped channel order cannot pass
+    body = png(lr)
+    for t in (0.0, 0.7):
+        code, content, _ = request(f"{service}/upscale?t={t}", body)
+        assert code == 200
+        want = expected_one_step(net, lr, t, zlib.crc32(body), meta)
+        assert_same_pixels(np.asarray(Image.open(io.BytesIO(content))), want, f"the service at t = {t}")
 
 
 def test_bad_requests_get_a_4xx_naming_the_problem_and_the_service_keeps_serving(service):
@@ -151,7 +174,15 @@ def test_the_knob_page_in_a_real_browser_upscales_a_photo_and_follows_the_slider
             await b.wait_for("window.oftsr.rendered >= 2 && document.getElementById('tcap').textContent === '1.00'")
             second = await b.eval(_PIXELS)
             assert second != first  # the output changed with t
-            assert await b.eval("window.oftsr.requests") <= 3  # debounced: not one request per mouse move
+            # debounced: nine slider inputs in one go (one script, so no timer can fire between them) ask once
+            moves, requests = await b.eval("window.oftsr.moves"), await b.eval("window.oftsr.requests")
+            await b.eval(
+                "(() => { const s = document.getElementById('t'); for (let i = 0; i <= 8; i++) {"
+                " s.value = String(i / 8); s.dispatchEvent(new Event('input')); } })()"
+            )
+            await b.wait_for("window.oftsr.rendered >= 3 && document.getElementById('tcap').textContent === '1.00'")
+            assert await b.eval("window.oftsr.moves") == moves + 9
+            assert await b.eval("window.oftsr.requests") == requests + 1
             assert await b.eval("!document.getElementById('download').hidden")
             return await b.screenshot()
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.batch_upscale import REPORT, UpscaleJob, list_inputs, output_rel, run
-from tests.helpers import perturbed_unet, register_student
+from pipelines.batch_upscale import REPORT, UpscaleJob, image_seed, list_inputs, output_rel, run
+from pipelines.registry import load_model
+from tests.helpers import assert_same_pixels, expected_one_step, perturbed_unet, register_student
 
 BUCKET = "upscale-batch"
 
@@ -110,6 +111,13 @@ def test_a_bucket_upscales_through_ray_data_counting_bad_inputs_and_a_rerun_skip
     for rel, (h, w, _) in GOOD.items():
         body = s3_client.get_object(Bucket=BUCKET, Key=f"out/{output_rel(rel, 1.0)}")["Body"].read()
         assert Image.open(io.BytesIO(body)).size == (4 * w, 4 * h)
+    # the pixels are the one-step output written out from the method (b.jpg's 64x64 output is one tile)
+    net, meta = load_model("models:/oftsr-student@candidate", tracking_uri=student_uri)
+    lr = np.asarray(Image.open(io.BytesIO(inputs()["b.jpg"])).convert("RGB"))
+    for t in (0.0, 1.0):
+        body = s3_client.get_object(Bucket=BUCKET, Key=f"out/{output_rel('b.jpg', t)}")["Body"].read()
+        want = expected_one_step(net, lr, t, image_seed(0, "b.jpg"), meta)
+        assert_same_pixels(np.asarray(Image.open(io.BytesIO(body))), want, f"the Ray Data engine at t = {t}")
     stored = json.loads(s3_client.get_object(Bucket=BUCKET, Key=f"out/{REPORT}")["Body"].read())
     assert stored["images_done"] == len(GOOD) and stored["model"].startswith("models:/oftsr-student/")
 

@@ -8,10 +8,28 @@ from pipelines.data.decode import DecodeError, decode_image
 from tests.pipelines.data.images import bad, gradient, jpeg_bytes, png_bytes, unusual_good
 
 
+def expected_rgb(name: str) -> tuple[np.ndarray, float]:
+    """What each unusual object shows, in RGB, and how far (mean grey levels) its decoding may be from it."""
+    g = np.asarray(gradient(), np.float64)
+    grey = np.asarray(gradient().convert("L"), np.float64)[..., None].repeat(3, -1)
+    if name == "palette_transparent.png":  # palette entry 0 is transparent: those pixels on white
+        pal = gradient().convert("P")
+        shown = np.asarray(pal.convert("RGB"), np.float64)
+        shown[np.asarray(pal) == 0] = 255
+        return shown, 0.0
+    if name == "sixteen_bit.png":
+        v = np.linspace(0, 65535, 96 * 96).reshape(96, 96).astype(np.uint16) / 257.0
+        return v[..., None].repeat(3, -1), 0.5
+    return {"cmyk.jpg": (g, 2.0), "grey.png": (grey, 0.0), "grey_alpha.png": (grey, 0.0), "rgba.png": (g, 0.0)}[name]
+
+
 @pytest.mark.parametrize("name", sorted(unusual_good()))
-def test_unusual_modes_become_rgb_uint8(name):
+def test_unusual_modes_become_the_rgb_uint8_they_show(name):
     arr = decode_image(unusual_good()[name], name)
     assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3
+    want, tolerance = expected_rgb(name)
+    diff = np.abs(arr.astype(np.float64) - want)
+    assert diff.mean() <= tolerance + 1e-9 and diff.max() <= max(1.0, 8 * tolerance), (name, diff.mean(), diff.max())
 
 
 def test_sixteen_bit_is_scaled_not_clipped():
@@ -24,12 +42,15 @@ def test_transparency_is_composited_on_white():
     assert (decode_image(png_bytes(im)) == 255).all()
 
 
-def test_exif_orientation_is_applied():
-    im = gradient((80, 40))
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied(orientation):
+    """The pixels as displayed: the stored image rotated by 180, 90 clockwise or 90 counter-clockwise."""
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    arr = decode_image(jpeg_bytes(im, exif=exif.tobytes()))
-    assert arr.shape == (80, 40, 3)
+    exif[0x0112] = orientation
+    data = jpeg_bytes(gradient((80, 40)), exif=exif.tobytes())
+    stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # Pillow does not rotate by itself
+    shown = np.rot90(stored, {3: 2, 6: -1, 8: 1}[orientation])
+    np.testing.assert_array_equal(decode_image(data), shown)
 
 
 @pytest.mark.parametrize("name", sorted(bad()))

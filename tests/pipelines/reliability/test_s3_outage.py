@@ -3,7 +3,10 @@ stopped and restarted while the read runs."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import struct
 import threading
 import time
 
@@ -21,25 +24,55 @@ pytestmark = pytest.mark.timeout(300)
 
 class Server:
     """A moto server that can be stopped and started again on the same port (the objects live in the test
-    process, so they survive a restart, as they would on a real store)."""
+    process, so they survive a restart, as they would on a real store). While it is down, the port is held by a
+    listener that drops every connection it accepts (a store that fails mid-request) and counts them: the proof
+    that reads were tried during the outage."""
 
     def __init__(self):
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._server = None
+        self._down: socket.socket | None = None
+        self.dropped = 0
         self.start()
 
     def start(self) -> None:
         from moto.server import ThreadedMotoServer
 
+        if self._down is not None:  # the dropping listener lets go of the port first (shutdown wakes its accept)
+            with contextlib.suppress(OSError):
+                self._down.shutdown(socket.SHUT_RDWR)
+            self._down.close()
+            self._dropper.join(10)
+            self._down = None
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
 
-    def stop(self) -> None:
+    def stop(self, *, drop: bool = False) -> None:
+        """Stop the server; with ``drop``, the dropping listener holds the port until :meth:`start`."""
         if self._server is not None:
             self._server.stop()
             self._server = None
+        if not drop:
+            return
+        down = socket.socket()
+        down.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        down.bind(("127.0.0.1", self.port))
+        down.listen(64)
+        self._down = down
+        self._dropper = threading.Thread(target=self._drop, args=(down,), daemon=True)
+        self._dropper.start()
+
+    def _drop(self, down: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = down.accept()
+            except OSError:  # closed by start()
+                return
+            self.dropped += 1
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, not a FIN
+            conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +96,21 @@ def test_a_read_across_an_outage_retries_with_backoff_and_loses_nothing(store, r
         storage_options={"endpoint_url": store.endpoint},
     )
     ds, ledger = training_dataset(cfg)  # lists the bucket now; the images are read lazily below
-    store.stop()
-    restart = threading.Timer(3.0, store.start)
+    store.stop(drop=True)
+    dropped = store.dropped
+
+    def restart_once_reads_failed() -> None:  # the store comes back only after reads have failed on it
+        deadline = time.time() + 120
+        while store.dropped < dropped + 2 and time.time() < deadline:
+            time.sleep(0.05)
+        store.start()
+
+    restart = threading.Thread(target=restart_once_reads_failed)
     restart.start()
-    start = time.perf_counter()
     rows = ds.take_all()  # the reads begin while the server is down and go on after it is back
     restart.join()
-    assert len(rows) == len(photos()) and time.perf_counter() - start > 2.5
+    assert store.dropped >= dropped + 2  # reads were tried during the outage (and failed there)
+    assert len(rows) == len(photos())
     summary = ledger.summary()
     assert summary["seen"] == len(photos()) and summary["skipped"] == 0  # an outage is not a bad image
 

@@ -54,6 +54,7 @@ def test_teacher_loss_falls_and_the_run_ends_at_the_target(teacher_run, workdir)
     assert ckpt["state"]["images_seen"] == 768 and ckpt["state"]["ema_updates"] == 768 // 16
 
 
+@pytest.mark.slow  # online targets, 158 s: the fast tier's pipeline test runs a cached distillation
 def test_distillation_from_that_teacher_lowers_its_loss(teacher_run, workdir):
     from pipelines.train.driver import run_stage
 
