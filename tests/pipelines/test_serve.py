@@ -132,10 +132,15 @@ def test_a_replica_that_dies_is_replaced_and_requests_succeed_again(service):
     import ray
     from ray.util.state import list_actors
 
+    def replicas() -> list:  # of this cluster, whatever else runs on the machine
+        here = ray.get_runtime_context().gcs_address
+        alive = list_actors(address=here, filters=[("state", "=", "ALIVE")])
+        return [a for a in alive if "oftsr-upscale" in (a.class_name or "")]
+
     good = png(np.full((8, 8, 3), 50, np.uint8))
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "oftsr-upscale" in (a.class_name or "")]
-    assert len(replicas) == 1, replicas
-    ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)
+    before = replicas()
+    assert len(before) == 1, before
+    ray.kill(ray.get_actor(before[0].name, namespace="serve"), no_restart=True)
     deadline, code = time.time() + 180, 0
     while time.time() < deadline:
         code = request(f"{service}/upscale?t=0", good)[0]
@@ -143,8 +148,8 @@ def test_a_replica_that_dies_is_replaced_and_requests_succeed_again(service):
             break
         time.sleep(1)
     assert code == 200
-    alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "oftsr-upscale" in (a.class_name or "")]
-    assert len(alive) == 1 and alive[0].actor_id != replicas[0].actor_id
+    alive = replicas()
+    assert len(alive) == 1 and alive[0].actor_id != before[0].actor_id
 
 
 @pytest.mark.skipif(

@@ -215,13 +215,19 @@ def test_each_listing_of_the_cache_comes_in_its_own_order(cache, small):
 def test_a_small_cache_is_read_with_one_footer_reader_and_a_users_setting_wins(cache, monkeypatch):
     """Ray Data 2.60 starts 32 footer-reading actors per Parquet read whatever the number of files: 7.2-8.4 s for a
     five-shard cache on 2 cores (benchmarks/cache_read.py), paid at every listing."""
+    import ray
     from ray.util.state import list_actors
 
     from pipelines.cache.dataset import _read_shards
     from pipelines.data.storage import filesystem
 
     def footer_readers() -> int:
-        actors = list_actors(filters=[("class_name", "=", "FooterReader")], limit=1000, raise_on_missing_output=False)
+        actors = list_actors(
+            address=ray.get_runtime_context().gcs_address,  # this cluster, whatever else runs on the machine
+            filters=[("class_name", "=", "FooterReader")],
+            limit=1000,
+            raise_on_missing_output=False,
+        )
         return len(actors)
 
     fs, _ = filesystem(cache["uri"])
