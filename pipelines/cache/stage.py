@@ -163,7 +163,7 @@ class ShardWriter:
         out: dict[str, list] = {"shard": [], "uri": [], "rows": [], "bytes": [], "skipped": [], "seconds": [], "at": []}
         for shard, keys_json in zip(batch["shard"], batch["keys"], strict=True):
             start = time.perf_counter()
-            out["at"].append(time.time())  # when its computation began: the stage's start-up ends at the first
+            out["at"].append(time.time())  # when its computation began (the first one ends the start-up)
             samples, skipped = self._crops(json.loads(str(keys_json)))
             rows = self._rows(samples)
             uri, size = write_shard(self.prefix, int(shard), rows, self.cfg.data.storage_options)
